@@ -1,0 +1,35 @@
+"""The beat schedule, built from the pipeline config: one entry per source.
+
+`celery -A etl_tasks beat` runs it. Each entry enqueues `etl.plan.run_source` with only the
+source name; the run id is made by the task.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery.schedules import crontab
+
+from etl_tasks.config import PipelineConfig, get_settings, load_pipeline
+
+
+def build_schedule(pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
+    schedule: dict[str, dict[str, Any]] = {}
+    for src in pipeline.sources:
+        when: Any = src.schedule
+        if isinstance(when, str):
+            minute, hour, day, month, weekday = when.split()
+            when = crontab(minute=minute, hour=hour, day_of_month=day, month_of_year=month,
+                           day_of_week=weekday)
+        schedule[f"run-{src.name}"] = {
+            "task": "etl.plan.run_source",
+            "schedule": when,
+            "args": (None, src.name),
+            # A run not picked up before the next one is due is dropped, not stacked.
+            "options": {"expires": float(src.schedule) if isinstance(src.schedule, float)
+                        else 3600.0},
+        }
+    return schedule
+
+
+BEAT_SCHEDULE = build_schedule(load_pipeline(get_settings()))

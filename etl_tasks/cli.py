@@ -1,0 +1,181 @@
+"""The `etl` command line: make demo data, run the whole demo, enqueue and follow runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from etl_tasks.errors import EtlError
+
+cli = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+err = Console(stderr=True)
+out = Console()
+
+
+def _settings():  # type: ignore[no-untyped-def]
+    from etl_tasks.config import get_settings
+
+    return get_settings()
+
+
+def _firebird_target():  # type: ignore[no-untyped-def]
+    from etl_tasks.resources import get_resources
+
+    return get_resources().firebird_target
+
+
+@cli.command("demo-data")
+def demo_data(
+    claims: Annotated[int, typer.Option(help="Billing claims to generate in Firebird.")] = 100_000,
+    lab_records: Annotated[int, typer.Option(help="Records per lab feed XML file.")] = 500,
+    reg_rows: Annotated[int, typer.Option(help="Rows per registration workbook.")] = 300,
+) -> None:
+    """Create the demo sources (with planted defects) under ETL_DATA_DIR/demo, replacing any."""
+    from etl_tasks.demo_data import make_demo_data
+
+    demo_dir = _settings().data_dir / "demo"
+    started = time.monotonic()
+    with err.status(f"Generating {claims:,} claims, lab feeds and registrations in {demo_dir}"):
+        manifest = make_demo_data(demo_dir, _firebird_target(), claims=claims,
+                                  lab_records=lab_records, reg_rows=reg_rows)
+    err.print(f"Demo data ready in {time.monotonic() - started:.1f}s: "
+              f"{manifest['billing']['rows']:,} claims, {len(manifest['lab_feeds'])} lab feeds, "
+              f"{len(manifest['registrations'])} registration workbooks "
+              f"(manifest: {demo_dir / 'manifest.json'})")
+
+
+def _follow(handles: list, as_json: bool) -> list:  # type: ignore[type-arg]
+    """Show progress of the runs until each finishes; return their summaries."""
+    summaries: dict[str, object] = {}
+    with Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("chunks  {task.fields[rows]:>10,} rows"), TimeElapsedColumn(),
+                  console=err, transient=as_json, disable=as_json) as bar:
+        tasks = {h.run_id: bar.add_task(h.source, total=None, rows=0) for h in handles}
+        while len(summaries) < len(handles):
+            for h in handles:
+                if h.run_id in summaries:
+                    continue
+                p = h.progress()
+                bar.update(tasks[h.run_id], completed=p["chunks_done"],
+                           total=p["chunks_total"] or None,
+                           rows=p["loaded"] + p["quarantined"])
+                summary = h.summary()
+                if summary is not None:
+                    summaries[h.run_id] = summary
+                    bar.update(tasks[h.run_id], total=max(p["chunks_total"], 1),
+                               completed=max(p["chunks_total"], 1))
+            time.sleep(0.2)
+    return [summaries[h.run_id] for h in handles]
+
+
+def _report(summaries: list, as_json: bool) -> int:  # type: ignore[type-arg]
+    if as_json:
+        print(json.dumps([s.public() for s in summaries], indent=2))
+    else:
+        table = Table(title="Run summary")
+        for col in ("source", "status", "extracted", "loaded", "quarantined", "skipped",
+                    "duration s", "quality"):
+            table.add_column(col, justify="left" if col in ("source", "status") else "right")
+        for s in summaries:
+            table.add_row(s.source, s.status, f"{s.extracted:,}", f"{s.loaded:,}",
+                          f"{s.quarantined:,}", f"{s.skipped:,}", f"{s.duration_s:.1f}",
+                          "-" if s.quality_score is None else f"{s.quality_score:.2%}")
+        out.print(table)
+        for s in summaries:
+            if s.error:
+                err.print(f"[red]{s.source}: {s.error}[/red]")
+            for f in s.files:
+                if f["status"] == "quarantined":
+                    err.print(f"[yellow]{s.source}: file {f['name']} quarantined: "
+                              f"{f['reason']}[/yellow]")
+    return 0 if all(s.status == "finished" for s in summaries) else 1
+
+
+@cli.command()
+def run(
+    sources: Annotated[list[str] | None, typer.Argument(help="Source names from the "
+                                                         "pipeline config.")] = None,
+    all_sources: Annotated[bool, typer.Option("--all", help="Run every source.")] = False,
+    wait: Annotated[bool, typer.Option(help="Follow the runs to the end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summaries as JSON.")] = False,
+) -> None:
+    """Enqueue runs on a running fleet (workers started with `python -m workers.fleet` and
+    `python -m workers.loader` against ETL_REDIS_URL)."""
+    from etl_tasks.api import run_source
+    from etl_tasks.resources import get_resources
+
+    names = [s.name for s in get_resources().pipeline.sources] if all_sources else sources
+    if not names:
+        raise typer.BadParameter("name at least one source, or use --all")
+    handles = [run_source(name) for name in names]
+    if not wait:
+        for h in handles:
+            out.print(f"{h.source}: run {h.run_id} enqueued")
+        return
+    raise typer.Exit(_report(_follow(handles, as_json), as_json))
+
+
+@cli.command()
+def demo(
+    claims: Annotated[int, typer.Option(help="Claims to generate when the demo data is "
+                                        "missing.")] = 100_000,
+    fresh: Annotated[bool, typer.Option(help="Regenerate the demo data first.")] = False,
+    fleet: Annotated[int, typer.Option(help="Fleet worker processes.")] = os.cpu_count() or 2,
+    as_json: Annotated[bool, typer.Option("--json", help="Print summaries as JSON.")] = False,
+) -> None:
+    """The main job, end to end on the embedded defaults: demo data, a local Redis (unless
+    ETL_REDIS_URL is set), a worker fleet and the loader, one run of every source."""
+    from etl_tasks.celery import app, use_redis
+    from etl_tasks.local_services import RedisServer, Worker, wait_for_workers
+    from etl_tasks.resources import reset_resources
+
+    settings = _settings()
+    if fresh or not Path(settings.firebird_dsn).exists():
+        demo_data(claims=claims)
+    started: list = []  # type: ignore[type-arg]
+    try:
+        if "ETL_REDIS_URL" not in os.environ:
+            server = RedisServer(settings.data_dir / ".redis").start()
+            started.append(server)
+            os.environ["ETL_REDIS_URL"] = server.url
+            reset_resources()
+            use_redis(server.url)
+            err.print(f"Started redis-server at {server.url} (data in "
+                      f"{settings.data_dir / '.redis'})")
+        logs = settings.data_dir / "logs"
+        env = dict(os.environ)
+        for role, extra in (("fleet", ["--concurrency", str(fleet)]), ("loader", [])):
+            started.append(Worker(role, env, logs / f"{role}.log", extra).start())
+        with err.status("Starting the worker fleet and the loader"):
+            wait_for_workers(app.control, ["fleet-", "loader@"])
+        err.print(f"Workers up (logs in {logs}); running every source")
+        from etl_tasks.api import run_source
+        from etl_tasks.resources import get_resources
+
+        handles = [run_source(s.name) for s in get_resources().pipeline.sources]
+        code = _report(_follow(handles, as_json), as_json)
+    finally:
+        for proc in reversed(started):
+            proc.stop()
+    raise typer.Exit(code)
+
+
+def main() -> None:
+    try:
+        cli()
+    except EtlError as exc:
+        err.print(f"[red]error:[/red] {exc}")
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,137 @@
+"""Typed settings from the environment (`ETL_` prefix) and the pipeline config file.
+
+Changing environment (dev, staging, production) is configuration only: another Firebird DSN,
+another Redis, another DuckDB path. Defaults are the embedded demo, so a first run needs nothing.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from etl_tasks.errors import FatalError
+
+SourceKind = Literal["firebird", "xml", "excel"]
+
+# Which validation schema (and default DuckDB table) each kind of source feeds.
+DATASET_OF_KIND: dict[str, str] = {
+    "firebird": "billing_claims",
+    "xml": "lab_results",
+    "excel": "patient_registrations",
+}
+
+
+class Settings(BaseSettings):
+    """Everything that changes between environments. Read by the Celery app, workers and CLI."""
+
+    model_config = SettingsConfigDict(env_prefix="ETL_", env_nested_delimiter="__")
+
+    env: Literal["dev", "staging", "production"] = "dev"
+    """Name of the environment, shown in logs and Sentry."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Broker, result backend, checkpoints and chunk staging. `etl demo` starts its own
+    redis-server when ETL_REDIS_URL is not set."""
+    data_dir: Path = Path("data")
+    """Where the demo data, the DuckDB file and local state live by default."""
+    duckdb_path: Path = Path("data/warehouse.duckdb")
+    """Opened for writing only by the `load` queue's single worker."""
+    pipeline_config: Path | None = None
+    """TOML file listing the sources; the packaged `etl_tasks/pipeline.toml` when unset."""
+    firebird_dsn: str = "data/demo/billing.fdb"
+    """A local file path uses the embedded engine; `host/port:path` a Firebird server."""
+    firebird_user: str = "SYSDBA"
+    firebird_password: SecretStr = SecretStr("masterkey")
+    firebird_runtime_dir: Path = Path("data/.firebird")
+    """Embedded engine config (SuperClassic, so several workers share the file) and lock dir."""
+    firebird_pool_size: int = Field(default=2, ge=1)
+    """Connections per worker process."""
+    firebird_pool_timeout_s: float = Field(default=10.0, gt=0)
+    """How long a task waits for a pooled connection before retrying later."""
+    stage_ttl_s: int = Field(default=24 * 3600, ge=60)
+    """Staged chunk payloads expire after this; a run must load within it."""
+    run_lock_ttl_s: int = Field(default=3600, ge=10)
+    """A source has at most one run in flight; the lock frees itself after this."""
+    task_time_limit_s: int = Field(default=900, ge=10)
+    """Hard time limit of any task; the broker's visibility timeout is set well above it."""
+    sentry_dsn: SecretStr | None = None
+    """Errors go to Sentry when set (task arguments and local variables are never sent)."""
+
+
+class SourceConfig(BaseModel):
+    """One entry of the pipeline config: what to read, how often, in what chunk size."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9_]{0,39}$")
+    kind: SourceKind
+    location: str
+    """Firebird: the table name. xml/excel: the inbox directory (`{data_dir}` is expanded)."""
+    schedule: float | str = 300.0
+    """Seconds between runs, or a crontab expression like "*/15 * * * *"."""
+    chunk_size: int = Field(default=50_000, ge=1)
+    """Rows per chunk: Firebird keys per range, file records per chunk."""
+    target_table: str = ""
+    """DuckDB table; defaults to the dataset of the kind (billing_claims, ...)."""
+    key_column: str = "CLAIM_ID"
+    """Firebird only: the integer key the work is cut along."""
+
+    @field_validator("target_table", "key_column")
+    @classmethod
+    def _identifier(cls, value: str) -> str:
+        # Table and column names end up in SQL text; only plain identifiers are allowed.
+        if value and not value.replace("_", "").isalnum():
+            raise ValueError("must be letters, digits and underscores")
+        return value
+
+    @property
+    def dataset(self) -> str:
+        return DATASET_OF_KIND[self.kind]
+
+    @property
+    def table(self) -> str:
+        return self.target_table or self.dataset
+
+    def inbox(self, settings: Settings) -> Path:
+        return Path(self.location.format(data_dir=settings.data_dir))
+
+
+class PipelineConfig(BaseModel):
+    sources: list[SourceConfig]
+
+    def source(self, name: str) -> SourceConfig:
+        for source in self.sources:
+            if source.name == name:
+                return source
+        known = ", ".join(s.name for s in self.sources)
+        raise FatalError(f"unknown source {name!r}; the pipeline config defines: {known}")
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()
+
+
+def load_pipeline(settings: Settings) -> PipelineConfig:
+    """Read the pipeline config named by the settings (or the packaged default)."""
+    if settings.pipeline_config is None:
+        text = resources.files("etl_tasks").joinpath("pipeline.toml").read_text("utf-8")
+        origin = "etl_tasks/pipeline.toml"
+    else:
+        try:
+            text = settings.pipeline_config.read_text("utf-8")
+        except OSError as exc:
+            raise FatalError(f"cannot read pipeline config {settings.pipeline_config}: {exc}"
+                             " (set ETL_PIPELINE_CONFIG to an existing TOML file)") from exc
+        origin = str(settings.pipeline_config)
+    try:
+        config = PipelineConfig.model_validate(tomllib.loads(text))
+    except (tomllib.TOMLDecodeError, ValueError) as exc:
+        raise FatalError(f"invalid pipeline config {origin}: {exc}") from exc
+    names = [s.name for s in config.sources]
+    if len(names) != len(set(names)):
+        raise FatalError(f"invalid pipeline config {origin}: source names must be unique")
+    return config

@@ -1,0 +1,114 @@
+"""The demo sources: an embedded Firebird billing database, lab feed XML, registration Excel.
+
+Claims are generated inside Firebird (one EXECUTE BLOCK, one transaction): 1,000,000 rows in
+about 15 s, where row-by-row inserts from Python would take minutes. Defects are planted on
+claim ids divisible by distinct primes, so the expected quarantine is exact and known.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from etl_tasks.sources.firebird import FirebirdTarget, connect, create_database
+
+# Firebird types a CASE/DECODE of string literals as CHAR of the longest one, so every text
+# expression is TRIMmed, or 'paid' would be stored as 'paid     '.
+# Planted claim defects: claim ids divisible by the prime break exactly that one rule.
+# The primes' pairwise products exceed 1,000,000, so up to that size no claim breaks two.
+CLAIM_DEFECTS: dict[str, int] = {
+    "amount_not_positive": 1009,
+    "cpt_code_length": 1013,
+    "bad_status": 1019,
+    "missing_patient_id": 1021,
+}
+
+_DDL = """CREATE TABLE BILLING_CLAIMS (
+    CLAIM_ID BIGINT NOT NULL PRIMARY KEY, PATIENT_ID VARCHAR(20), PROVIDER_NPI CHAR(10),
+    SERVICE_DATE DATE, CPT_CODE VARCHAR(5), ICD10_CODE VARCHAR(8), AMOUNT NUMERIC(12,2),
+    PAYER VARCHAR(40), STATUS VARCHAR(12), UPDATED_AT TIMESTAMP)"""
+
+_GENERATE = f"""EXECUTE BLOCK (first_id BIGINT = ?, last_id BIGINT = ?) AS
+DECLARE i BIGINT;
+BEGIN
+  i = first_id;
+  WHILE (i <= last_id) DO BEGIN
+    INSERT INTO BILLING_CLAIMS VALUES (
+      :i,
+      IIF(MOD(:i, {CLAIM_DEFECTS["missing_patient_id"]}) = 0, NULL,
+          'P' || LPAD(MOD(:i * 7919, 250000), 6, '0')),
+      '1' || LPAD(MOD(:i * 104729, 999999999), 9, '0'),
+      DATEADD(MOD(:i * 13, 730) DAY TO DATE '2024-11-01'),
+      TRIM(IIF(MOD(:i, {CLAIM_DEFECTS["cpt_code_length"]}) = 0, '9921',
+          DECODE(MOD(:i, 6), 0, '99213', 1, '99214', 2, '80053', 3, '85025', 4, '93000',
+                 '36415'))),
+      TRIM(DECODE(MOD(:i, 5), 0, 'E11.9', 1, 'I10', 2, 'J06.9', 3, 'M54.5', 'Z00.00')),
+      IIF(MOD(:i, {CLAIM_DEFECTS["amount_not_positive"]}) = 0, -MOD(:i, 500) / 10.0,
+          MOD(:i * 37, 250000) / 100.0 + 15),
+      TRIM(DECODE(MOD(:i, 4), 0, 'Medicare', 1, 'Blue Cross Blue Shield', 2, 'Aetna',
+             'Self-pay')),
+      TRIM(IIF(MOD(:i, {CLAIM_DEFECTS["bad_status"]}) = 0, 'unknown',
+          DECODE(MOD(:i, 4), 0, 'submitted', 1, 'paid', 2, 'denied', 'pending'))),
+      DATEADD(:i SECOND TO TIMESTAMP '2026-01-01 00:00:00'));
+    i = i + 1;
+  END
+END"""
+
+
+def expected_claim_defects(first_id: int, last_id: int) -> dict[str, int]:
+    """How many claims in [first_id, last_id] carry each planted defect."""
+    return {kind: last_id // p - (first_id - 1) // p for kind, p in CLAIM_DEFECTS.items()}
+
+
+def generate_claims(target: FirebirdTarget, first_id: int, count: int) -> None:
+    """Insert `count` claims with ids first_id.. in one transaction, inside Firebird."""
+    con = connect(target)
+    try:
+        cur = con.cursor()
+        cur.execute(_GENERATE, (first_id, first_id + count - 1))
+        cur.close()
+        con.commit()
+    finally:
+        con.close()
+
+
+def make_billing_db(target: FirebirdTarget, claims: int) -> None:
+    """Create the BILLING_CLAIMS database from scratch with `claims` rows."""
+    path = Path(target.dsn)
+    if path.exists():
+        path.unlink()
+    con = create_database(target)
+    try:
+        con.execute_immediate(_DDL)
+        con.execute_immediate("CREATE INDEX IX_CLAIMS_UPDATED ON BILLING_CLAIMS (UPDATED_AT)")
+        con.commit()
+    finally:
+        con.close()
+    if claims:
+        generate_claims(target, 1, claims)
+
+
+def make_demo_data(demo_dir: Path, target: FirebirdTarget, *, claims: int,
+                   lab_files: int = 4, lab_records: int = 500, reg_files: int = 3,
+                   reg_rows: int = 300) -> dict[str, Any]:
+    """Write all three demo sources under `demo_dir` and a manifest of what was planted."""
+    from etl_tasks.demo_files import write_lab_feeds, write_registrations
+
+    demo_dir.mkdir(parents=True, exist_ok=True)
+    make_billing_db(target, claims)
+    manifest: dict[str, Any] = {
+        "billing": {"rows": claims, "defects": expected_claim_defects(1, claims)}}
+    for name, writer, files, rows in (
+            ("lab_feeds", write_lab_feeds, lab_files, lab_records),
+            ("registrations", write_registrations, reg_files, reg_rows)):
+        inbox = demo_dir / name
+        shutil.rmtree(inbox, ignore_errors=True)
+        inbox.mkdir(parents=True)
+        written = writer(inbox, files=files, **{"records_per_file" if name == "lab_feeds"
+                                                 else "rows_per_file": rows})
+        manifest[name] = [asdict(m) for m in written]
+    (demo_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return manifest

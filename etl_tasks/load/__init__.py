@@ -1,0 +1,1 @@
+"""Sinks: DuckDB (the primary, single writer)."""

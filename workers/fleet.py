@@ -1,0 +1,25 @@
+"""The extract/transform fleet: any number of these, on any host sharing one Redis.
+
+    python -m workers.fleet [extra celery worker options, e.g. --concurrency 4]
+
+is exactly `celery -A etl_tasks worker -Q extract,transform`.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from etl_tasks import app
+
+ARGV = ["worker", "-Q", "extract,transform", "-n", f"fleet-{os.getpid()}@{socket.gethostname()}",
+        "--loglevel", "INFO"]
+
+
+def main(extra: list[str] | None = None) -> None:
+    app.worker_main(ARGV + (sys.argv[1:] if extra is None else extra))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,24 @@
+"""The single loader: the only process that writes DuckDB. Run exactly one.
+
+    python -m workers.loader
+
+is exactly `celery -A etl_tasks worker -Q load --concurrency 1`.
+"""
+
+from __future__ import annotations
+
+import socket
+import sys
+
+from etl_tasks import app
+
+ARGV = ["worker", "-Q", "load", "--concurrency", "1", "-n", f"loader@{socket.gethostname()}",
+        "--loglevel", "INFO"]
+
+
+def main(extra: list[str] | None = None) -> None:
+    app.worker_main(ARGV + (sys.argv[1:] if extra is None else extra))
+
+
+if __name__ == "__main__":
+    main()
