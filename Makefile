@@ -1,0 +1,49 @@
+# `make demo` runs the main job end to end; `make test` runs the test suite.
+# Both create .venv, install the pinned Python packages and, when missing, the system
+# packages they need (redis-server, libtommath1 for the embedded Firebird engine).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+SYSTEM_PACKAGES := redis-server libtommath1
+
+.PHONY: demo test lint system-deps venv clean
+
+demo: venv
+	$(VENV)/bin/etl demo
+
+test: venv
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy etl_tasks workers beat_schedule.py
+
+system-deps:
+	@missing=""; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
+	/sbin/ldconfig -p 2>/dev/null | grep -q 'libtommath.so.1 ' || missing="$$missing libtommath1"; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then \
+	    echo "Installing system packages:$$missing"; \
+	    $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	  else \
+	    echo "Missing system packages:$$missing. Install them (Debian/Ubuntu: apt-get install$$missing) and run make again." >&2; \
+	    exit 1; \
+	  fi; \
+	fi
+
+venv: system-deps $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
+	  { echo "Python 3.11 or newer is needed (set PYTHON=python3.11)" >&2; exit 1; }
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade "pip>=25.1"
+	$(PY) -m pip install -q -e . --group dev
+	touch $@
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,128 @@
+"""Real services for integration tests: a redis-server, an embedded Firebird database made by
+the demo generator, DuckDB files in a temporary folder and real `celery worker` processes.
+
+Nothing is skipped: a missing binary fails with what to install (`make test` installs it).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pytest
+
+from etl_tasks.celery import app, use_redis
+from etl_tasks.demo_data import make_demo_data
+from etl_tasks.local_services import RedisServer, Worker, wait_for_workers
+from etl_tasks.resources import get_resources, reset_resources
+
+PIPELINE = """
+[[sources]]
+name = "billing"
+kind = "firebird"
+location = "BILLING_CLAIMS"
+schedule = {billing_schedule}
+chunk_size = 4000
+
+[[sources]]
+name = "lab_results"
+kind = "xml"
+location = "{{data_dir}}/demo/lab_feeds"
+chunk_size = 150
+
+[[sources]]
+name = "registrations"
+kind = "excel"
+location = "{{data_dir}}/demo/registrations"
+chunk_size = 100
+"""
+
+
+@dataclass
+class Stack:
+    """The running services of a test session and the environment pointing at them."""
+
+    root: Path
+    env: dict[str, str]
+    redis: RedisServer
+    manifest: dict[str, Any]
+    workers: dict[str, Worker]
+
+    @property
+    def duckdb_path(self) -> Path:
+        return Path(self.env["ETL_DUCKDB_PATH"])
+
+    def start_worker(self, role: str, name: str | None = None, *extra: str) -> Worker:
+        worker = Worker(role, self.env, self.root / "logs" / f"{name or role}.log",
+                        list(extra)).start()
+        self.workers[name or role] = worker
+        return worker
+
+    def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
+        """Read the store; retry while the loader holds its write lock for a commit."""
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                con = duckdb.connect(str(self.duckdb_path), read_only=True)
+            except duckdb.IOException:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+                continue
+            try:
+                return con.execute(sql, params or []).fetchall()
+            finally:
+                con.close()
+
+
+def _set_env(env: dict[str, str]) -> None:
+    os.environ.update(env)
+    reset_resources()
+    use_redis(env["ETL_REDIS_URL"])
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    root = tmp_path_factory.mktemp("stack")
+    redis_server = RedisServer(root / "redis").start()
+    (root / "pipeline.toml").write_text(PIPELINE.format(billing_schedule=300))
+    env = {
+        **os.environ,
+        "ETL_REDIS_URL": redis_server.url,
+        "ETL_DATA_DIR": str(root / "data"),
+        "ETL_DUCKDB_PATH": str(root / "data" / "warehouse.duckdb"),
+        "ETL_FIREBIRD_DSN": str(root / "data" / "demo" / "billing.fdb"),
+        "ETL_FIREBIRD_RUNTIME_DIR": str(root / "data" / ".firebird"),
+        "ETL_PIPELINE_CONFIG": str(root / "pipeline.toml"),
+        "ETL_STAGE_TTL_S": "3600",
+    }
+    saved = dict(os.environ)
+    _set_env(env)
+    manifest = make_demo_data(root / "data" / "demo", get_resources().firebird_target,
+                              claims=20_000, lab_files=4, lab_records=200, reg_files=3,
+                              reg_rows=120)
+    s = Stack(root, env, redis_server, manifest, {})
+    s.start_worker("fleet", "fleet", "--concurrency", "2")
+    s.start_worker("loader")
+    wait_for_workers(app.control, ["fleet-", "loader@"])
+    try:
+        yield s
+    finally:
+        for worker in s.workers.values():
+            worker.stop()
+        redis_server.stop()
+        os.environ.clear()
+        os.environ.update(saved)
+        reset_resources()
+
+
+@pytest.fixture
+def env(stack: Stack) -> Stack:
+    """The stack with this process's settings pointed at it."""
+    _set_env(stack.env)
+    return stack
