@@ -18,7 +18,8 @@ from etl_tasks.errors import EtlError
 
 cli = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 err = Console(stderr=True)
-out = Console()
+# Piped output (CI logs, files) gets a width that fits the summary table.
+out = Console(width=None if sys.stdout.isatty() else 120)
 
 
 def _settings():  # type: ignore[no-untyped-def]
