@@ -1,0 +1,165 @@
+"""The ways people use it: beat, a Python shell, several fleet hosts, the CLI and Flower."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from base64 import b64encode
+
+import pytest
+
+from etl_tasks import runs
+from etl_tasks.api import run_source
+from etl_tasks.celery import app
+from etl_tasks.demo_data import generate_claims
+from etl_tasks.local_services import free_port
+from etl_tasks.resources import get_resources
+from tests.integration.conftest import PIPELINE
+
+pytestmark = pytest.mark.integration
+
+
+def _claims_max():
+    with get_resources().firebird_pool.connection() as con:
+        cur = con.cursor()
+        cur.execute("SELECT MAX(CLAIM_ID) FROM BILLING_CLAIMS")
+        (value,) = cur.fetchone()
+        cur.close()
+    return int(value or 0)
+
+
+def test_beat_runs_the_schedule_from_the_pipeline_config(env, tmp_path):
+    """`celery -A etl_tasks beat` with a 2-second schedule really enqueues runs that finish."""
+    config = tmp_path / "pipeline.toml"
+    config.write_text(PIPELINE.format(billing_schedule=2))
+    r = get_resources().redis
+    before = set(r.lrange("etl:runs:billing", 0, -1))
+    beat = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "etl_tasks", "beat", "--loglevel", "INFO",
+         "-s", str(tmp_path / "beat-schedule")],
+        env={**env.env, "ETL_PIPELINE_CONFIG": str(config)}, cwd=tmp_path,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        finished: list[bytes] = []
+        while time.monotonic() < deadline and len(finished) < 2:
+            new = set(r.lrange("etl:runs:billing", 0, -1)) - before
+            finished = [run for run in new
+                        if runs.info(r, run.decode()).get("status") == "finished"]
+            time.sleep(0.5)
+    finally:
+        beat.terminate()
+        beat.wait(timeout=30)
+    assert len(finished) >= 2, "beat did not run billing twice within a minute"
+
+
+def test_python_shell_one_liner_runs_a_source(env):
+    """The README's one-liner enqueues a run and returns a handle whose wait() gives a summary."""
+    code = ("from etl_tasks.api import run_source; s = run_source('billing').wait(timeout=90); "
+            "print(s.status, s.source)")
+    done = subprocess.run([sys.executable, "-c", code], env=env.env, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert done.stdout.split() == ["finished", "billing"]
+
+
+def test_a_second_fleet_host_shares_the_work(env):
+    """A second fleet process against the same Redis takes part of a run's extract tasks."""
+    second = env.start_worker("fleet", "fleet-second", "--concurrency", "1")
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            names = {n for reply in (app.control.ping(timeout=0.5) or []) for n in reply}
+            if f"fleet-{second.pid}@" in " ".join(names):
+                break
+        generate_claims(get_resources().firebird_target, _claims_max() + 1, 48_000)
+        summary = run_source("billing").wait(timeout=180)
+        assert summary.status == "finished", summary.error
+        assert summary.extracted == 48_000
+        stats = app.control.inspect(timeout=2).stats() or {}
+        second_name = next(n for n in stats if n.startswith(f"fleet-{second.pid}@"))
+        assert stats[second_name]["total"].get("etl.extract.unit", 0) > 0
+    finally:
+        second.stop()
+        env.workers.pop("fleet-second", None)
+
+
+def test_etl_run_all_wait_json_prints_one_summary_per_source(env):
+    """`etl run --all --wait --json` follows every source to the end and prints the summaries."""
+    etl = os.path.join(os.path.dirname(sys.executable), "etl")
+    done = subprocess.run([etl, "run", "--all", "--wait", "--json"], env=env.env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    summaries = json.loads(done.stdout)
+    assert [s["source"] for s in summaries] == ["billing", "lab_results", "registrations"]
+    for s in summaries:
+        assert {"source", "extracted", "loaded", "quarantined", "skipped", "duration_s",
+                "quality_score"} <= s.keys()
+
+
+def test_flower_shows_workers_and_id_only_task_arguments(env, tmp_path):
+    """Flower lists the fleet and the loader, and the tasks of a run carry only ids."""
+    port = free_port()
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "etl_tasks", "flower", f"--port={port}",
+         "--address=127.0.0.1", "--basic-auth=ops:secret", f"--db={tmp_path / 'flower'}"],
+        env=env.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    auth = {"Authorization": "Basic " + b64encode(b"ops:secret").decode()}
+
+    def get(path):
+        req = urllib.request.Request(f"http://127.0.0.1:{port}{path}", headers=auth)
+        with urllib.request.urlopen(req, timeout=5) as resp:
+            return json.loads(resp.read())
+
+    try:
+        deadline = time.monotonic() + 60
+        workers = {}
+        while time.monotonic() < deadline:
+            try:
+                workers = get("/api/workers?refresh=1")
+                if any(w.startswith("loader@") for w in workers):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert any(w.startswith("fleet-") for w in workers)
+        assert any(w.startswith("loader@") for w in workers)
+        generate_claims(get_resources().firebird_target, _claims_max() + 1, 100)
+        run_source("billing").wait(timeout=90)
+        time.sleep(1)  # let Flower take in the last events
+        tasks = get("/api/tasks").values()
+        names = {t["name"] for t in tasks}
+        assert {"etl.plan.run_source", "etl.extract.unit", "etl.transform.chunk",
+                "etl.load.chunk"} <= names
+        for task in tasks:
+            # Arguments are a run id and a source/unit/chunk id: nothing like a patient id.
+            assert "P0" not in task["args"] and "P1" not in task["args"], task["args"]
+            assert len(task["args"]) < 200
+    finally:
+        flower.terminate()
+        flower.wait(timeout=30)
+
+
+def test_etl_demo_runs_end_to_end_and_a_second_run_loads_nothing(tmp_path):
+    """`etl demo` with no ETL_REDIS_URL starts its own Redis and workers, loads, and stops."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("ETL_")}
+    etl = os.path.join(os.path.dirname(sys.executable), "etl")
+    first = subprocess.run([etl, "demo", "--claims", "5000", "--fleet", "1", "--json"],
+                           env=clean, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert first.returncode == 0, first.stderr
+    manifest = json.loads((tmp_path / "data" / "demo" / "manifest.json").read_text())
+    summary = {s["source"]: s for s in json.loads(first.stdout)}
+    assert summary["billing"]["loaded"] + summary["billing"]["quarantined"] == 5000
+    assert summary["billing"]["quarantined"] == sum(manifest["billing"]["defects"].values())
+    second = subprocess.run([etl, "demo", "--fleet", "1", "--json"], env=clean, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert all(s["loaded"] == 0 for s in json.loads(second.stdout))
+    assert (tmp_path / "data" / "warehouse.duckdb").exists()
+    # Everything it started is stopped: no worker of this demo is left running.
+    leftover = subprocess.run(["pgrep", "-f", f"{tmp_path}"], capture_output=True, text=True)
+    assert leftover.stdout.strip() == ""
