@@ -13,7 +13,7 @@ from etl_tasks.runs import Unit
 
 def key_high_water(r: redis.Redis, source: str) -> int:
     value = r.hget(f"etl:checkpoint:{source}", "key")
-    return int(value) if value is not None else 0  # type: ignore[arg-type]
+    return int(value) if value is not None else 0
 
 
 def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str]) -> int:
@@ -33,7 +33,7 @@ def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str]) 
 
 def loaded_file_rows(r: redis.Redis, source: str, sha256: str) -> int | None:
     value = r.hget(f"etl:files:{source}", sha256)
-    return int(value) if value is not None else None  # type: ignore[arg-type]
+    return int(value) if value is not None else None
 
 
 def mark_file_loaded(r: redis.Redis, source: str, sha256: str, rows: int) -> None:

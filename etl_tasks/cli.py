@@ -7,7 +7,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.console import Console
@@ -16,19 +16,23 @@ from rich.table import Table
 
 from etl_tasks.errors import EtlError
 
+if TYPE_CHECKING:
+    from etl_tasks.config import Settings
+    from etl_tasks.sources.firebird import FirebirdTarget
+
 cli = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 err = Console(stderr=True)
 # Piped output (CI logs, files) gets a width that fits the summary table.
 out = Console(width=None if sys.stdout.isatty() else 120)
 
 
-def _settings():  # type: ignore[no-untyped-def]
+def _settings() -> Settings:
     from etl_tasks.config import get_settings
 
     return get_settings()
 
 
-def _firebird_target():  # type: ignore[no-untyped-def]
+def _firebird_target() -> FirebirdTarget:
     from etl_tasks.resources import get_resources
 
     return get_resources().firebird_target

@@ -1,7 +1,7 @@
 """Errors this package raises on purpose, classified once at each boundary.
 
 EtlError
- ├─ TransientError     retrying later may succeed: Redis/Firebird/DuckDB unavailable, lock, full pool
+ ├─ TransientError     retrying later may succeed: a service down, a lock, a full pool
  ├─ FatalError         retrying cannot help: bad config, auth, missing table, corrupt file
  │   └─ SourceFileError    one input file is unreadable or hostile; it is quarantined whole
  └─ DataQualityError   data broke a schema: quarantine and report, never retry

@@ -81,9 +81,16 @@ def create(r: redis.Redis, run_id: str, source: str) -> None:
         p.execute()
 
 
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _hash(r: redis.Redis, key: str) -> dict[str, str]:
+    return {_text(k): _text(v) for k, v in r.hgetall(key).items()}
+
+
 def info(r: redis.Redis, run_id: str) -> dict[str, str]:
-    raw: dict[bytes, bytes] = r.hgetall(_k(run_id))  # type: ignore[assignment]
-    return {k.decode(): v.decode() for k, v in raw.items()}
+    return _hash(r, _k(run_id))
 
 
 def start(r: redis.Redis, run_id: str, units: list[Unit], skipped: int) -> None:
@@ -100,7 +107,7 @@ def start(r: redis.Redis, run_id: str, units: list[Unit], skipped: int) -> None:
 
 
 def units(r: redis.Redis, run_id: str) -> list[Unit]:
-    return [Unit.from_json(u) for u in r.lrange(_k(run_id, "units"), 0, -1)]  # type: ignore[union-attr]
+    return [Unit.from_json(u) for u in r.lrange(_k(run_id, "units"), 0, -1)]
 
 
 def unit(r: redis.Redis, run_id: str, unit_id: str) -> Unit:
@@ -114,7 +121,7 @@ def register_chunks(r: redis.Redis, run_id: str, unit_id: str, rows: dict[str, i
     """A unit was extracted into these chunks (chunk id -> rows); mark the unit split."""
     with r.pipeline() as p:
         if rows:
-            p.hset(_k(run_id, "chunks"), mapping=rows)  # type: ignore[arg-type]
+            p.hset(_k(run_id, "chunks"), mapping=dict(rows))  # type: ignore[arg-type]
         p.sadd(_k(run_id, "split"), unit_id)
         for part in ("chunks", "split"):
             p.expire(_k(run_id, part), _KEEP_S)
@@ -128,13 +135,11 @@ def reject_file(r: redis.Redis, run_id: str, unit_id: str, name: str, reason: st
 
 
 def rejected(r: redis.Redis, run_id: str) -> dict[str, dict[str, str]]:
-    raw: dict[bytes, bytes] = r.hgetall(_k(run_id, "rejected"))  # type: ignore[assignment]
-    return {k.decode(): json.loads(v) for k, v in raw.items()}
+    return {k: json.loads(v) for k, v in _hash(r, _k(run_id, "rejected")).items()}
 
 
 def chunk_rows(r: redis.Redis, run_id: str) -> dict[str, int]:
-    raw: dict[bytes, bytes] = r.hgetall(_k(run_id, "chunks"))  # type: ignore[assignment]
-    return {k.decode(): int(v) for k, v in raw.items()}
+    return {k: int(v) for k, v in _hash(r, _k(run_id, "chunks")).items()}
 
 
 def mark_done(r: redis.Redis, run_id: str, chunk_id: str, loaded: int, quarantined: int) -> None:
@@ -148,7 +153,7 @@ def mark_done(r: redis.Redis, run_id: str, chunk_id: str, loaded: int, quarantin
 
 
 def done_chunks(r: redis.Redis, run_id: str) -> set[str]:
-    return {c.decode() for c in r.smembers(_k(run_id, "done"))}  # type: ignore[union-attr]
+    return {_text(c) for c in r.smembers(_k(run_id, "done"))}
 
 
 def is_complete(r: redis.Redis, run_id: str) -> bool:
@@ -164,9 +169,9 @@ def progress(r: redis.Redis, run_id: str) -> dict[str, int]:
     data = info(r, run_id)
     return {
         "units_total": int(data.get("units_total", 0)),
-        "units_split": int(r.scard(_k(run_id, "split"))),  # type: ignore[arg-type]
-        "chunks_total": int(r.hlen(_k(run_id, "chunks"))),  # type: ignore[arg-type]
-        "chunks_done": int(r.scard(_k(run_id, "done"))),  # type: ignore[arg-type]
+        "units_split": int(r.scard(_k(run_id, "split"))),
+        "chunks_total": int(r.hlen(_k(run_id, "chunks"))),
+        "chunks_done": int(r.scard(_k(run_id, "done"))),
         "loaded": int(data.get("progress_loaded", 0)),
         "quarantined": int(data.get("progress_quarantined", 0)),
     }

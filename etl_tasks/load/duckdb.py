@@ -7,6 +7,7 @@ upserted on the dataset's key, the newer version winning, so a re-read never dou
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,14 +147,10 @@ def classify(exc: BaseException) -> EtlError:
 
 
 def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:
-    try:
+    with contextlib.suppress(duckdb.Error):  # no transaction open: nothing to undo
         con.rollback()
-    except duckdb.Error:
-        pass  # no transaction open: nothing to undo
 
 
 def _unregister_quietly(con: duckdb.DuckDBPyConnection, name: str) -> None:
-    try:
+    with contextlib.suppress(duckdb.Error):
         con.unregister(name)
-    except duckdb.Error:
-        pass

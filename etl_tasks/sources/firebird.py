@@ -7,6 +7,7 @@ extraction scales with processes because each range is its own task.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import io
 import os
@@ -166,10 +167,9 @@ class ConnectionPool:
 
 
 def _close_quietly(con: Any) -> None:
-    try:
+    # Closing a broken connection must not mask the error that broke it.
+    with contextlib.suppress(Exception):
         con.close()
-    except Exception:  # noqa: BLE001 - closing a broken connection must not mask the error
-        pass
 
 
 def key_bounds(con: Any, table: str, key: str, after: int) -> tuple[int, int] | None:

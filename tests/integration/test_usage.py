@@ -136,7 +136,8 @@ def test_flower_shows_workers_and_id_only_task_arguments(env, tmp_path):
                 "etl.load.chunk"} <= names
         for task in tasks:
             # Arguments are a run id and a source/unit/chunk id: nothing like a patient id.
-            assert "P0" not in task["args"] and "P1" not in task["args"], task["args"]
+            assert "P0" not in task["args"], task["args"]
+            assert "P1" not in task["args"], task["args"]
             assert len(task["args"]) < 200
     finally:
         flower.terminate()
