@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from etl_tasks.errors import FatalError
@@ -86,6 +86,12 @@ class SourceConfig(BaseModel):
         if value and not value.replace("_", "").isalnum():
             raise ValueError("must be letters, digits and underscores")
         return value
+
+    @model_validator(mode="after")
+    def _table_location(self) -> SourceConfig:
+        if self.kind == "firebird" and not self.location.replace("_", "").isalnum():
+            raise ValueError("a firebird source's location is a table name (letters, digits, _)")
+        return self
 
     @property
     def dataset(self) -> str:
