@@ -24,7 +24,7 @@ def test_ranges_cover_every_new_key_once_in_chunk_size_pieces():
     """New keys above the checkpoint are cut into contiguous ranges of at most chunk_size."""
     units = plan_ranges(_billing(100), after=250, bounds=(1, 555))
     assert [(u.lo, u.hi) for u in units] == [(251, 350), (351, 450), (451, 550), (551, 555)]
-    assert [u.unit_id for u in units][0] == "billing:keys:251-350"
+    assert units[0].unit_id == "billing:keys:251-350"
 
 
 def test_ranges_are_deterministic_and_empty_without_new_rows():
