@@ -1,0 +1,269 @@
+"""The registration workbook reader: header search, cell text, blank rows, sheets, broken files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import zipfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import openpyxl
+import pyarrow as pa
+import pytest
+
+from etl_tasks.errors import FatalError, SourceFileError, TransientError
+from etl_tasks.sources import excel
+
+HEADER: list[object] = ["MRN", "First Name", "Last Name", "Date of Birth", "Sex", "ZIP", "Phone",
+          "Registration Date", "Clinic", "Insurance ID"]  # fmt: skip
+
+
+MANIFEST = (
+    '<?xml version="1.0" encoding="UTF-8"?><manifest:manifest '
+    'xmlns:manifest="urn:oasis:names:tc:opendocument:xmlns:manifest:1.0" manifest:version="1.2">'
+    '<manifest:file-entry manifest:full-path="/" '
+    'manifest:media-type="application/vnd.oasis.opendocument.spreadsheet"/>'
+    '<manifest:file-entry manifest:full-path="content.xml" manifest:media-type="text/xml"/>'
+    "</manifest:manifest>"
+)
+
+
+def workbook(path: Path, sheets: Mapping[str, Sequence[Sequence[object]]]) -> Path:
+    """Write `sheets` (name -> rows from Excel row 1) as a real .xlsx file."""
+    book = openpyxl.Workbook()
+    book.remove(book.active)
+    for name, rows in sheets.items():
+        sheet = book.create_sheet(name)
+        for number, row in enumerate(rows, start=1):
+            for column, value in enumerate(row, start=1):
+                if value is not None:
+                    sheet.cell(row=number, column=column, value=value)
+    book.save(path)
+    return path
+
+
+def read_all(path: Path, batch_rows: int = 1000, **layout: Any) -> pa.Table:
+    batches = list(excel.iter_batches(path, batch_rows=batch_rows, source="reg", **layout))
+    return pa.concat_tables(batches) if batches else excel.SCHEMA.empty_table()
+
+
+def person(mrn: object, **cells: object) -> list[object]:
+    """A data row in HEADER order; keyword arguments override cells by output column."""
+    values: dict[str, object] = {
+        "mrn": mrn, "first_name": "Ana", "last_name": "Diaz", "date_of_birth": "1961-04-02",
+        "sex": "F", "zip": "02134", "phone": "617-555-0123", "registration_date": "2026-11-03",
+        "clinic": "North End Health", "insurance_id": "BCBS-1",
+    }  # fmt: skip
+    values.update(cells)
+    return list(values.values())
+
+
+def test_header_under_title_rows_and_real_row_numbers(tmp_path):
+    """The header is found under a title and an empty row; refs carry real Excel rows."""
+    path = workbook(tmp_path / "reg.xlsx", {"Registrations": [
+        ["Clinic registrations export"], [], HEADER, person("A1"), person("A2"),
+    ]})  # fmt: skip
+    table = read_all(path)
+    assert table.schema == excel.SCHEMA
+    assert table["mrn"].to_pylist() == ["A1", "A2"]
+    assert table["_source_ref"].to_pylist() == [
+        "reg.xlsx!Registrations:row=4",
+        "reg.xlsx!Registrations:row=5",
+    ]
+
+
+def test_header_names_match_case_and_space_insensitively_in_any_order(tmp_path):
+    """`mrn`, ` ZIP `, `date  of BIRTH` and a shuffled order map to the canonical columns."""
+    header = ["Clinic", " ZIP ", "mrn", "date  of BIRTH", "SEX", "phone", "Notes"]
+    path = workbook(tmp_path / "reg.xlsx", {"S": [
+        header, ["North End", "02134", "A1", "1961-04-02", "F", "617", "walk-in"],
+    ]})  # fmt: skip
+    [row] = read_all(path).to_pylist()
+    assert (row["clinic"], row["zip"], row["mrn"]) == ("North End", "02134", "A1")
+    assert (row["date_of_birth"], row["sex"], row["phone"]) == ("1961-04-02", "F", "617")
+    # Columns the sheet lacks are null; columns nobody asked for are ignored.
+    assert row["first_name"] is None
+    assert row["insurance_id"] is None
+
+
+def test_blank_rows_are_skipped_but_do_not_shift_row_numbers(tmp_path):
+    """Empty and whitespace-only rows are not data; later rows keep their own numbers."""
+    path = workbook(tmp_path / "reg.xlsx", {"S": [
+        HEADER, person("A1"), [], [None, "   ", " "], person("A2"), [0],
+    ]})  # fmt: skip
+    table = read_all(path)
+    assert table["_source_ref"].to_pylist() == ["reg.xlsx!S:row=2", "reg.xlsx!S:row=5",
+                                                "reg.xlsx!S:row=6"]  # fmt: skip
+    assert table["mrn"].to_pylist() == ["A1", "A2", "0"]  # a 0 cell is a value, not blank
+
+
+def test_cells_become_text_without_losing_digits(tmp_path):
+    """Phone and ZIP numbers lose no digit and gain no `.0`; date cells become ISO text."""
+    path = workbook(tmp_path / "reg.xlsx", {"S": [HEADER, person(
+        1234567, date_of_birth=dt.date(1961, 4, 2), zip=2134, phone=6175550123,
+        registration_date=dt.datetime(2026, 11, 3, 9, 30), clinic=1.5, insurance_id=True,
+    ), person(
+        "A2", date_of_birth=dt.datetime(1961, 4, 2), zip=2134.0, phone=6175550123.0,
+        registration_date=46329, sex=None, clinic="", insurance_id="  ",
+    ), person("A3", date_of_birth="4/2/1961", registration_date="2026-11-03")]})  # fmt: skip
+    rows = read_all(path).to_pylist()
+    first, second, third = rows
+    assert (first["mrn"], first["zip"], first["phone"]) == ("1234567", "2134", "6175550123")
+    assert first["date_of_birth"] == "1961-04-02"
+    assert first["registration_date"] == "2026-11-03T09:30:00"
+    assert (first["clinic"], first["insurance_id"]) == ("1.5", "true")
+    assert (second["zip"], second["phone"]) == ("2134", "6175550123")
+    assert second["date_of_birth"] == "1961-04-02"  # midnight datetime -> date form
+    assert second["registration_date"] == "46329"  # a serial stays a serial for the transform
+    assert (second["sex"], second["clinic"], second["insurance_id"]) == (None, None, "  ")
+    assert (third["date_of_birth"], third["registration_date"]) == ("4/2/1961", "2026-11-03")
+
+
+@pytest.mark.parametrize(
+    ("value", "text"),
+    [
+        (None, None), ("", None), (" x ", " x "), (True, "true"), (False, "false"), (7, "7"),
+        (6175550123.0, "6175550123"), (0.1, "0.1"), (-2.5, "-2.5"),
+        (dt.date(2026, 1, 2), "2026-01-02"), (dt.datetime(2026, 1, 2), "2026-01-02"),
+        (dt.datetime(2026, 1, 2, 3, 4, 5, 600), "2026-01-02T03:04:05"),
+        (dt.time(9, 30), "09:30:00"), (dt.timedelta(hours=30), "1 day, 6:00:00"),
+    ],
+)  # fmt: skip
+def test_cell_text(value, text):
+    """Each cell type engines return renders as the documented text."""
+    assert excel.cell_text(value) == text
+
+
+def test_duplicate_mrn_spans_batches_and_empty_mrn_never_duplicates(tmp_path):
+    """A stripped MRN seen in an earlier batch flags the later row; empty MRNs are not keys."""
+    rows = [HEADER] + [person(f"A{n}") for n in range(1, 8)]
+    rows += [person(" A2 "), person(None, sex="M"), person("  "), person(None, sex="F")]
+    path = workbook(tmp_path / "reg.xlsx", {"S": rows})
+    batches = list(excel.iter_batches(path, batch_rows=3, source="reg"))
+    assert [batch.num_rows for batch in batches] == [3, 3, 3, 2]
+    table = pa.concat_tables(batches)
+    flagged = table.filter(table["_duplicate"])["_source_ref"].to_pylist()
+    assert flagged == ["reg.xlsx!S:row=9"]
+
+
+def test_first_sheet_with_the_header_is_read(tmp_path):
+    """A notes sheet without the header is passed over for the next sheet."""
+    path = workbook(tmp_path / "reg.xlsx", {
+        "Notes": [["Export of registrations"], ["MRN is the chart number"]],
+        "Data": [HEADER, person("A1")],
+        "Later": [HEADER, person("B1")],
+    })  # fmt: skip
+    assert read_all(path)["_source_ref"].to_pylist() == ["reg.xlsx!Data:row=2"]
+    assert read_all(path, sheet="Later")["mrn"].to_pylist() == ["B1"]
+
+
+def test_named_sheet_must_exist_and_have_the_header(tmp_path):
+    """A sheet option naming a missing or headerless sheet is a SourceFileError."""
+    path = workbook(tmp_path / "reg.xlsx", {"Notes": [["x"]], "Data": [HEADER]})
+    with pytest.raises(SourceFileError, match="no sheet named 'Nope'"):
+        read_all(path, sheet="Nope")
+    with pytest.raises(SourceFileError, match="sheet 'Notes' does not have the expected header"):
+        read_all(path, sheet="Notes")
+
+
+def test_workbook_without_header_is_a_source_file_error(tmp_path):
+    """No sheet with MRN and Date of Birth in its first 20 rows: the file is quarantined."""
+    late = [[f"title {n}"] for n in range(20)] + [HEADER, person("A1")]
+    path = workbook(tmp_path / "reg.xlsx", {"Notes": [["MRN", "DOB"]], "Data": late})
+    with pytest.raises(SourceFileError, match=r"no sheet has the expected header row \(MRN, Date"):
+        read_all(path)
+
+
+def test_header_naming_a_column_twice_is_refused(tmp_path):
+    """Two MRN columns would make every row ambiguous."""
+    rows: list[list[object]] = [["MRN", "Date of Birth", "mrn"], ["A", "B", "C"]]
+    path = workbook(tmp_path / "reg.xlsx", {"S": rows})
+    with pytest.raises(SourceFileError, match="'mrn' twice"):
+        read_all(path)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "reason"),
+    [
+        ("empty.xlsx", b"", "empty"),
+        ("renamed.xlsx", b"MRN,First Name,Date of Birth\n1,Ana,1961-04-02\n", "plain text"),
+        ("legacy.xlsx", b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(504), "OLE file"),
+        ("zipped.xls", b"PK\x03\x04" + bytes(100), "zip archive, not a legacy"),
+    ],
+)
+def test_wrong_kinds_of_file_get_their_own_reason(tmp_path, name, content, reason):
+    """Empty files, renamed text, and format/extension mismatches say what they are."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(SourceFileError, match=reason):
+        read_all(path)
+
+
+def test_truncated_or_foreign_zip_is_a_source_file_error(tmp_path):
+    """A cut-off workbook, or a zip that holds no workbook, cannot be read."""
+    whole = workbook(tmp_path / "whole.xlsx", {"S": [HEADER, person("A1")]}).read_bytes()
+    cut = tmp_path / "cut.xlsx"
+    cut.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(SourceFileError, match="not a readable zip archive"):
+        read_all(cut)
+    foreign = tmp_path / "foreign.xlsx"
+    with zipfile.ZipFile(foreign, "w") as archive:
+        archive.writestr("readme.txt", "not a workbook")
+    with pytest.raises(SourceFileError, match=r"cannot be read as a \.xlsx"):
+        read_all(foreign)
+
+
+def test_ods_title_rows_keep_row_numbers(tmp_path):
+    """An OpenDocument sheet is read the same way, with its real row numbers."""
+
+    def row(*cells: str) -> str:
+        return "<table:table-row>" + "".join(
+            f'<table:table-cell office:value-type="string"><text:p>{c}</text:p></table:table-cell>'
+            for c in cells
+        ) + "</table:table-row>"  # fmt: skip
+
+    content = (
+        '<?xml version="1.0" encoding="UTF-8"?><office:document-content '
+        'xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0" '
+        'xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0" '
+        'xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0" office:version="1.2">'
+        '<office:body><office:spreadsheet><table:table table:name="Uploads">'
+        + row("Clinic registrations export") + row("mrn", "date of birth") + row("A1", "4/2/1961")
+        + "</table:table></office:spreadsheet></office:body></office:document-content>"
+    )  # fmt: skip
+    path = tmp_path / "reg.ods"
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("mimetype", "application/vnd.oasis.opendocument.spreadsheet")
+        archive.writestr("content.xml", content)
+        archive.writestr("META-INF/manifest.xml", MANIFEST)
+    [record] = read_all(path).to_pylist()
+    assert (record["mrn"], record["date_of_birth"]) == ("A1", "4/2/1961")
+    assert record["_source_ref"] == "reg.ods!Uploads:row=3"
+
+
+def test_missing_file_is_transient(tmp_path):
+    """A file that vanished (moved by another worker) may be back on retry."""
+    with pytest.raises(TransientError, match="vanished"):
+        read_all(tmp_path / "gone.xlsx")
+
+
+def test_classify_maps_engine_errors_without_quoting_them():
+    """Engine errors become SourceFileError with our own words; unknowns are fatal."""
+    import python_calamine
+
+    quoted = python_calamine.CalamineError("Invalid OLE (signature P000123)")
+    error = excel.classify(quoted, path=Path("a.xlsx"), source="reg")
+    assert isinstance(error, SourceFileError)
+    assert "P000123" not in str(error)
+    assert isinstance(excel.classify(python_calamine.PasswordError("x")), SourceFileError)
+    assert isinstance(excel.classify(OSError("No such file (os error 2)")), TransientError)
+    assert isinstance(excel.classify(OSError(errno.EACCES, "denied")), SourceFileError)
+    assert type(excel.classify(ValueError("x"))) is FatalError
+
+
+def test_unknown_layout_option_is_fatal(tmp_path):
+    """A misspelt layout option is a configuration error, not silently ignored."""
+    with pytest.raises(FatalError, match="unknown layout"):
+        next(excel.iter_batches(tmp_path / "a.xlsx", batch_rows=10, source="reg", shet="x"))
