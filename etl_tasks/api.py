@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
 
 import redis
 
@@ -58,15 +60,22 @@ def summary_of(r: redis.Redis, run_id: str) -> runs.Summary | None:
     return None
 
 
-def run_source(source: str) -> RunHandle:
-    """Enqueue a run of `source` on the fleet and return a handle to wait on."""
+def run_source(source: str, *, path: str | None = None, since: datetime | None = None,
+               full: bool = False) -> RunHandle:
+    """Enqueue a run of `source` on the fleet and return a handle to wait on.
+
+    path: read the files of this folder once, leaving them in place (file sources);
+    since: also re-read rows updated since then (Firebird backfill); full: re-read everything
+    (rows already stored in the same version are counted as skipped, never doubled).
+    """
     from etl_tasks.tasks import run_source as plan_task
 
     res = get_resources()
     res.pipeline.source(source)  # an unknown name fails here, with the known names
     run_id = runs.new_run_id()
     try:
-        runs.create(res.redis, run_id, source)
+        runs.create(res.redis, run_id, source, runs.RunOptions(
+            path=str(Path(path).resolve()) if path else None, since=since, full=full))
         plan_task.apply_async((run_id, source))
     except redis.ConnectionError as exc:
         raise FatalError(f"cannot reach Redis at {res.settings.redis_url}; start it or set "

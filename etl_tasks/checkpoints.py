@@ -6,6 +6,8 @@ loaded (with their row counts, reported as skipped when the same content comes a
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+
 import redis
 
 from etl_tasks.runs import Unit
@@ -29,6 +31,24 @@ def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str]) 
         mark = max(mark, unit.hi)
     r.hset(f"etl:checkpoint:{source}", "key", mark)
     return mark
+
+
+def updated_since(r: redis.Redis, source: str, lookback_s: float) -> datetime | None:
+    """Where the next UPDATED_AT window starts: the mark minus a look-back, because source
+    transactions can commit out of timestamp order. Re-reading costs nothing: loads upsert."""
+    value = r.hget(f"etl:checkpoint:{source}", "updated")
+    if value is None:
+        return None
+    text = value.decode() if isinstance(value, bytes) else str(value)
+    return datetime.fromisoformat(text) - timedelta(seconds=lookback_s)
+
+
+def advance_updated(r: redis.Redis, source: str, until_iso: str) -> None:
+    """Called when a run finished: every row updated up to `until_iso` is committed."""
+    current = r.hget(f"etl:checkpoint:{source}", "updated")
+    text = current.decode() if isinstance(current, bytes) else current
+    if text is None or datetime.fromisoformat(until_iso) > datetime.fromisoformat(str(text)):
+        r.hset(f"etl:checkpoint:{source}", "updated", until_iso)
 
 
 def loaded_file_rows(r: redis.Redis, source: str, sha256: str) -> int | None:

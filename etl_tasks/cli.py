@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -112,6 +113,14 @@ def run(
     all_sources: Annotated[bool, typer.Option("--all", help="Run every source.")] = False,
     wait: Annotated[bool, typer.Option(help="Follow the runs to the end.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print summaries as JSON.")] = False,
+    path: Annotated[Path | None, typer.Option(
+        help="File sources: read the files of this folder once, leaving them in place.",
+        exists=True, file_okay=False)] = None,
+    since: Annotated[datetime | None, typer.Option(
+        help="Firebird: also re-read rows updated since this date (backfill a window).")] = None,
+    full: Annotated[bool, typer.Option(
+        help="Re-read everything; rows already stored in the same version are skipped, "
+             "never doubled.")] = False,
 ) -> None:
     """Enqueue runs on a running fleet (workers started with `python -m workers.fleet` and
     `python -m workers.loader` against ETL_REDIS_URL)."""
@@ -121,7 +130,8 @@ def run(
     names = [s.name for s in get_resources().pipeline.sources] if all_sources else sources
     if not names:
         raise typer.BadParameter("name at least one source, or use --all")
-    handles = [run_source(name) for name in names]
+    handles = [run_source(name, path=str(path) if path else None, since=since, full=full)
+               for name in names]
     if not wait:
         for h in handles:
             out.print(f"{h.source}: run {h.run_id} enqueued")

@@ -78,8 +78,14 @@ class SourceConfig(BaseModel):
     """DuckDB table; defaults to the dataset of the kind (billing_claims, ...)."""
     key_column: str = "CLAIM_ID"
     """Firebird only: the integer key the work is cut along."""
+    updated_column: str = "UPDATED_AT"
+    """Firebird only: the timestamp that moves when a row changes (re-loaded as an upsert)."""
+    lookback_s: float = Field(default=300.0, ge=0)
+    """Firebird only: each run re-reads rows updated this long before the last mark."""
+    settle_s: float = Field(default=5.0, ge=0)
+    """Files only: a file modified more recently than this is still being written."""
 
-    @field_validator("target_table", "key_column")
+    @field_validator("target_table", "key_column", "updated_column")
     @classmethod
     def _identifier(cls, value: str) -> str:
         # Table and column names end up in SQL text; only plain identifiers are allowed.

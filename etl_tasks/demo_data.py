@@ -8,7 +8,9 @@ claim ids divisible by distinct primes, so the expected quarantine is exact and 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -110,5 +112,10 @@ def make_demo_data(demo_dir: Path, target: FirebirdTarget, *, claims: int,
         written = writer(inbox, files=files, **{"records_per_file" if name == "lab_feeds"
                                                  else "rows_per_file": rows})
         manifest[name] = [asdict(m) for m in written]
+        # The files were written whole (temporary name, then rename): date them past any
+        # inbox settle time so that a run right after generation takes them.
+        settled = time.time() - 3600
+        for path in inbox.iterdir():
+            os.utime(path, (settled, settled))
     (demo_dir / "manifest.json").write_text(json.dumps(manifest, indent=2))
     return manifest

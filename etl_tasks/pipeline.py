@@ -7,7 +7,6 @@ and tests can drive them directly. Every step is idempotent: chunk ids are deter
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -16,7 +15,7 @@ from typing import Any
 
 import duckdb
 
-from etl_tasks import checkpoints, runs, staging
+from etl_tasks import checkpoints, inbox, runs, staging
 from etl_tasks.config import SourceConfig
 from etl_tasks.errors import SourceFileError
 from etl_tasks.load import duckdb as store
@@ -30,24 +29,8 @@ Dispatch = Callable[[str, str], None]  # (run_id, unit or chunk id)
 
 FILE_PATTERNS: dict[str, tuple[str, ...]] = {
     "xml": ("*.xml",),
-    "excel": ("*.xlsx", "*.xls", "*.ods"),
+    "excel": ("*.xlsx", "*.xlsm", "*.xls", "*.ods"),
 }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def inbox_files(src: SourceConfig, inbox: Path) -> list[Path]:
-    """The files a file source would read now, in a stable order."""
-    if not inbox.is_dir():
-        return []
-    found = {p for pattern in FILE_PATTERNS[src.kind] for p in inbox.glob(pattern)}
-    return sorted(p for p in found if p.is_file() and not p.name.startswith("."))
 
 
 def plan_ranges(src: SourceConfig, after: int, bounds: tuple[int, int] | None) -> list[runs.Unit]:
@@ -72,23 +55,12 @@ def plan_run(res: Resources, run_id: str, source: str, dispatch_extract: Dispatc
         runs.fail(r, run_id, f"source {src.name} already has run {holder} in progress; "
                              "this run was not started (try again when it finishes)")
         return []
+    options = runs.options(r, run_id)
     skipped = 0
     if src.kind == "firebird":
-        after = checkpoints.key_high_water(r, src.name)
-        with res.firebird_pool.connection() as con:
-            bounds = firebird.key_bounds(con, src.location, src.key_column, after)
-        units = plan_ranges(src, after, bounds)
+        units = _plan_firebird(res, src, run_id, options)
     else:
-        units, seen = [], set()
-        for path in inbox_files(src, src.inbox(res.settings)):
-            sha = sha256_file(path)
-            rows = checkpoints.loaded_file_rows(r, src.name, sha)
-            if rows is not None:
-                skipped += rows  # same content already loaded, under any name
-            elif sha not in seen:
-                seen.add(sha)
-                units.append(runs.Unit(f"{src.name}:file:{sha[:16]}", "file",
-                                       path=str(path.resolve()), sha256=sha))
+        units, skipped = _plan_files(res, src, run_id, options)
     runs.start(r, run_id, units, skipped)
     log.info("planned run %s of %s: %d units", run_id, src.name, len(units))
     if not units:
@@ -98,6 +70,56 @@ def plan_run(res: Resources, run_id: str, source: str, dispatch_extract: Dispatc
     return units
 
 
+def _plan_firebird(res: Resources, src: SourceConfig, run_id: str,
+                   options: runs.RunOptions) -> list[runs.Unit]:
+    """New keys above the mark as ranges, plus rows whose UPDATED_AT moved below it."""
+    r = res.redis
+    after = 0 if options.full else checkpoints.key_high_water(r, src.name)
+    since = options.since or (None if options.full else checkpoints.updated_since(
+        r, src.name, src.lookback_s))
+    with res.firebird_pool.connection() as con:
+        bounds = firebird.key_bounds(con, src.location, src.key_column, after)
+        updated_to = firebird.max_updated(con, src.location, src.updated_column)
+        changed = (firebird.updated_bounds(con, src.location, src.key_column,
+                                           src.updated_column, since, updated_to, after)
+                   if since is not None and after > 0 and updated_to is not None else None)
+    units = plan_ranges(src, after, bounds)
+    if options.full:  # a full re-read is new work: its chunk ids must not hit the ledger
+        units = [runs.Unit(f"{u.unit_id}:full-{run_id[:12]}", "range", lo=u.lo, hi=u.hi)
+                 for u in units]
+    if changed is not None and since is not None and updated_to is not None:
+        window = f"{since:%Y%m%dT%H%M%S%f}-{updated_to:%Y%m%dT%H%M%S%f}"
+        for u in plan_ranges(src, 0, changed):
+            units.append(runs.Unit(f"{src.name}:updated:{window}:{u.lo}-{u.hi}", "updated",
+                                   lo=u.lo, hi=u.hi, since=since.isoformat(),
+                                   until=updated_to.isoformat()))
+    if updated_to is not None:
+        r.hset(runs.key(run_id), "plan_updated_to", updated_to.isoformat())
+    return units
+
+
+def _plan_files(res: Resources, src: SourceConfig, run_id: str,
+                options: runs.RunOptions) -> tuple[list[runs.Unit], int]:
+    """Ready inbox files not loaded before (by content), each claimed by this run only."""
+    r, skipped = res.redis, 0
+    folder = Path(options.path) if options.path else src.inbox(res.settings)
+    settle = 0.0 if options.path else src.settle_s  # an operator's folder is taken as is
+    units, seen = [], set()
+    for path in inbox.ready_files(folder, FILE_PATTERNS[src.kind], settle):
+        sha = inbox.sha256_file(path)
+        rows = checkpoints.loaded_file_rows(r, src.name, sha)
+        if rows is not None:
+            skipped += rows  # same content already loaded, under any name
+            if not options.path:
+                inbox.move_processed(path, sha)
+        elif sha not in seen and inbox.claim(r, src.name, sha, run_id,
+                                             res.settings.run_lock_ttl_s):
+            seen.add(sha)
+            units.append(runs.Unit(f"{src.name}:file:{sha[:16]}", "file",
+                                   path=str(path.resolve()), sha256=sha))
+    return units, skipped
+
+
 def extract_unit(res: Resources, run_id: str, unit_id: str, dispatch_chunk: Dispatch,
                  dispatch_finalize: Callable[[str], None]) -> int:
     """Read one unit into staged raw chunks; dispatch transform+load for each. Returns rows."""
@@ -105,10 +127,13 @@ def extract_unit(res: Resources, run_id: str, unit_id: str, dispatch_chunk: Disp
     src = res.pipeline.source(runs.info(r, run_id)["source"])
     unit = runs.unit(r, run_id, unit_id)
     chunks: dict[str, int] = {}
-    if unit.kind == "range":
+    if unit.kind in ("range", "updated"):
         with res.firebird_pool.connection() as con:
             try:
-                table = firebird.fetch_range(con, src.location, src.key_column, unit.lo, unit.hi)
+                table = firebird.fetch_range(
+                    con, src.location, src.key_column, unit.lo, unit.hi,
+                    updated_column=src.updated_column,
+                    since=unit.since or None, until=unit.until or None)
             except Exception as exc:
                 raise firebird.classify(exc) from exc
         staging.put(r, unit_id, "raw", table, ttl)
@@ -188,8 +213,10 @@ def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) ->
     mine = [v for v in ledger.values() if v[0] == run_id]
     loaded = sum(v[1] for v in mine)
     quarantined = sum(v[2] for v in mine)
-    # Rows of chunks committed by an earlier run, and of files already loaded, are skipped.
-    skipped = sum(v[1] + v[2] for v in ledger.values() if v[0] != run_id)
+    # Skipped: rows of chunks an earlier run committed, rows the store already had in the
+    # same version (a re-read), and files already loaded.
+    skipped = sum(v[1] + v[2] + v[3] for v in ledger.values() if v[0] != run_id)
+    skipped += sum(v[3] for v in mine)
     skipped += int(data.get("plan_skipped", 0))
     started = float(data.get("started_at") or data.get("created_at") or time.time())
     finished = time.time()
@@ -201,11 +228,23 @@ def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) ->
         quality_score=round(loaded / (loaded + quarantined), 4) if loaded + quarantined else None,
         files=files)
     store.record_run(con, summary.public(), started, finished)
+    move = not runs.options(r, run_id).path  # files given with --path are left in place
+    refused = runs.rejected(r, run_id)
     for unit in runs.units(r, run_id):
-        if unit.kind == "file" and not any(f["status"] == "quarantined" and
-                                           f["unit_id"] == unit.unit_id for f in files):
+        if unit.kind != "file":
+            continue
+        if unit.unit_id in refused:
+            if move:
+                inbox.move_quarantined(Path(unit.path), unit.sha256,
+                                       refused[unit.unit_id]["reason"])
+        else:
             rows = sum(n for cid, n in chunk_rows.items() if cid.startswith(unit.unit_id + ":"))
             checkpoints.mark_file_loaded(r, src.name, unit.sha256, rows)
+            if move:
+                inbox.move_processed(Path(unit.path), unit.sha256)
+        inbox.release(r, src.name, unit.sha256)
+    if data.get("plan_updated_to"):
+        checkpoints.advance_updated(r, src.name, data["plan_updated_to"])
     runs.finish(r, run_id, summary)
     runs.release_lock(r, src.name, run_id)
     log.info("run %s of %s finished: %d loaded, %d quarantined, %d skipped", run_id,

@@ -11,6 +11,7 @@ import json
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from typing import Any, Literal
 
 import redis
@@ -24,11 +25,13 @@ class Unit:
     """A planned piece of work: a key range of a table, or one inbox file."""
 
     unit_id: str
-    kind: Literal["range", "file"]
+    kind: Literal["range", "updated", "file"]
     lo: int = 0
     hi: int = 0
     path: str = ""
     sha256: str = ""
+    since: str = ""  # "updated": rows of lo..hi whose UPDATED_AT is in (since, until]
+    until: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -36,6 +39,25 @@ class Unit:
     @classmethod
     def from_json(cls, text: str | bytes) -> Unit:
         return cls(**json.loads(text))
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How a run was asked for (`etl run --path/--since/--full`); kept in the run record."""
+
+    path: str | None = None
+    since: datetime | None = None
+    full: bool = False
+
+    def to_json(self) -> str:
+        return json.dumps({"path": self.path, "full": self.full,
+                           "since": self.since.isoformat() if self.since else None})
+
+    @classmethod
+    def from_json(cls, text: str) -> RunOptions:
+        data = json.loads(text)
+        since = datetime.fromisoformat(data["since"]) if data.get("since") else None
+        return cls(path=data.get("path"), since=since, full=bool(data.get("full")))
 
 
 @dataclass
@@ -65,14 +87,19 @@ def new_run_id() -> str:
     return uuid.uuid4().hex
 
 
-def _k(run_id: str, part: str = "") -> str:
+def key(run_id: str, part: str = "") -> str:
     return f"etl:run:{run_id}" + (f":{part}" if part else "")
 
 
-def create(r: redis.Redis, run_id: str, source: str) -> None:
+_k = key
+
+
+def create(r: redis.Redis, run_id: str, source: str,
+           options: RunOptions | None = None) -> None:
     now = time.time()
     with r.pipeline() as p:
         p.hsetnx(_k(run_id), "source", source)
+        p.hsetnx(_k(run_id), "options", (options or RunOptions()).to_json())
         p.hsetnx(_k(run_id), "status", "queued")
         p.hsetnx(_k(run_id), "created_at", now)
         p.expire(_k(run_id), _KEEP_S)
@@ -91,6 +118,11 @@ def _hash(r: redis.Redis, key: str) -> dict[str, str]:
 
 def info(r: redis.Redis, run_id: str) -> dict[str, str]:
     return _hash(r, _k(run_id))
+
+
+def options(r: redis.Redis, run_id: str) -> RunOptions:
+    text = r.hget(_k(run_id), "options")
+    return RunOptions.from_json(_text(text)) if text else RunOptions()
 
 
 def start(r: redis.Redis, run_id: str, units: list[Unit], skipped: int) -> None:

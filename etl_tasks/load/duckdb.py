@@ -36,7 +36,8 @@ _DDL = [
     """CREATE TABLE IF NOT EXISTS etl_load_ledger (
         chunk_id VARCHAR PRIMARY KEY, run_id VARCHAR NOT NULL, source VARCHAR NOT NULL,
         target_table VARCHAR NOT NULL, rows_loaded BIGINT NOT NULL,
-        rows_quarantined BIGINT NOT NULL, loaded_at TIMESTAMPTZ NOT NULL DEFAULT now())""",
+        rows_quarantined BIGINT NOT NULL, rows_unchanged BIGINT NOT NULL,
+        loaded_at TIMESTAMPTZ NOT NULL DEFAULT now())""",
     """CREATE TABLE IF NOT EXISTS etl_quarantine (
         source VARCHAR NOT NULL, run_id VARCHAR NOT NULL, chunk_id VARCHAR NOT NULL,
         source_ref VARCHAR NOT NULL, reasons VARCHAR NOT NULL, raw VARCHAR,
@@ -54,6 +55,7 @@ class WriteResult:
     loaded: int
     quarantined: int
     already_loaded: bool
+    unchanged: int = 0  # valid rows the store already had in the same or a newer version
 
 
 def connect(path: Path) -> duckdb.DuckDBPyConnection:
@@ -90,7 +92,8 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
         con.register("incoming", valid)
         con.register("incoming_q", quarantined)
         match = " AND ".join(f"t.{c} IS NOT DISTINCT FROM i.{c}" for c in key.columns)
-        newer = f" AND i.{key.version} >= t.{key.version}" if key.version else ""
+        # Strictly newer: a re-read of the same version is left alone and counted unchanged.
+        newer = f" AND i.{key.version} > t.{key.version}" if key.version else ""
         # Upsert: drop the stored versions this chunk supersedes, then insert what is new.
         con.execute(f"DELETE FROM {table} t USING incoming i WHERE {match}{newer}")
         cols = ", ".join(f"i.{name}" for name in valid.schema.names)
@@ -98,11 +101,17 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
             f"INSERT INTO {table} SELECT {cols}, ?, ?, now() FROM incoming i "
             f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match})",
             [run_id, chunk_id]).fetchone()
-        con.execute("INSERT INTO etl_quarantine SELECT ?, ?, ?, source_ref, reasons, raw, "
-                    "now() FROM incoming_q", [source, run_id, chunk_id])
+        # A row re-read in the same state (backfill, --full) is not quarantined twice.
+        held = con.execute(
+            "INSERT INTO etl_quarantine SELECT ?, ?, ?, source_ref, reasons, raw, now() "
+            "FROM incoming_q i WHERE NOT EXISTS (SELECT 1 FROM etl_quarantine q WHERE "
+            "q.source = ? AND q.source_ref = i.source_ref AND q.raw IS NOT DISTINCT FROM i.raw)",
+            [source, run_id, chunk_id, source]).fetchone()
         loaded = int(inserted[0]) if inserted else 0
-        con.execute("INSERT INTO etl_load_ledger VALUES (?, ?, ?, ?, ?, ?, now())",
-                    [chunk_id, run_id, source, table, loaded, quarantined.num_rows])
+        held_count = int(held[0]) if held else 0
+        unchanged = valid.num_rows - loaded + quarantined.num_rows - held_count
+        con.execute("INSERT INTO etl_load_ledger VALUES (?, ?, ?, ?, ?, ?, ?, now())",
+                    [chunk_id, run_id, source, table, loaded, held_count, unchanged])
         con.commit()
     except Exception as exc:
         _rollback_quietly(con)
@@ -110,16 +119,17 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
     finally:
         for name in ("incoming", "incoming_q"):
             _unregister_quietly(con, name)
-    return WriteResult(loaded, quarantined.num_rows, already_loaded=False)
+    return WriteResult(loaded, held_count, already_loaded=False, unchanged=unchanged)
 
 
 def ledger_rows(con: duckdb.DuckDBPyConnection, chunk_ids: list[str]) -> dict[str, Any]:
-    """Ledger entries of these chunks: chunk id -> (run_id, rows_loaded, rows_quarantined)."""
+    """Ledger entries: chunk id -> (run_id, rows_loaded, rows_quarantined, rows_unchanged)."""
     if not chunk_ids:
         return {}
     ids = pa.table({"chunk_id": pa.array(chunk_ids, pa.string())})  # noqa: F841 - scanned
-    rows = con.execute("SELECT l.chunk_id, run_id, rows_loaded, rows_quarantined "
-                       "FROM etl_load_ledger l JOIN ids USING (chunk_id)").fetchall()
+    rows = con.execute("SELECT l.chunk_id, run_id, rows_loaded, rows_quarantined, "
+                       "rows_unchanged FROM etl_load_ledger l JOIN ids USING (chunk_id)"
+                       ).fetchall()
     return {row[0]: row[1:] for row in rows}
 
 

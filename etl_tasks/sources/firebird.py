@@ -17,6 +17,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -183,6 +184,29 @@ def key_bounds(con: Any, table: str, key: str, after: int) -> tuple[int, int] | 
     return None if lo is None else (int(lo), int(hi))
 
 
+def max_updated(con: Any, table: str, updated: str) -> datetime | None:
+    cur = con.cursor()
+    try:
+        cur.execute(f"SELECT MAX({updated}) FROM {table}")
+        (value,) = cur.fetchone()
+    finally:
+        cur.close()
+    return value  # type: ignore[no-any-return]
+
+
+def updated_bounds(con: Any, table: str, key: str, updated: str, since: datetime,
+                   until: datetime, max_key: int) -> tuple[int, int] | None:
+    """Key bounds of rows at or below `max_key` whose `updated` is in (since, until]."""
+    cur = con.cursor()
+    try:
+        cur.execute(f"SELECT MIN({key}), MAX({key}) FROM {table} WHERE {updated} > ? AND "
+                    f"{updated} <= ? AND {key} <= ?", (since, until, max_key))
+        lo, hi = cur.fetchone()
+    finally:
+        cur.close()
+    return None if lo is None else (int(lo), int(hi))
+
+
 def _csv_expression() -> str:
     parts = []
     for name, _, is_text in CLAIM_COLUMNS:
@@ -195,13 +219,19 @@ def _csv_expression() -> str:
     return " || ',' || ".join(parts)
 
 
-def fetch_range(con: Any, table: str, key: str, lo: int, hi: int) -> pa.Table:
-    """Rows with lo <= key <= hi as an Arrow table with lower-case column names."""
+def fetch_range(con: Any, table: str, key: str, lo: int, hi: int, *,
+                updated_column: str = "UPDATED_AT", since: str | None = None,
+                until: str | None = None) -> pa.Table:
+    """Rows with lo <= key <= hi (and, given a window, updated in (since, until]) as Arrow."""
+    where, params = f"{key} BETWEEN ? AND ?", list[Any]([lo, hi])
+    if since and until:
+        where += f" AND {updated_column} > ? AND {updated_column} <= ?"
+        params += [datetime.fromisoformat(since), datetime.fromisoformat(until)]
     sql = (f"SELECT LIST(r, ASCII_CHAR(10)) FROM (SELECT {_csv_expression()} AS r "
-           f"FROM {table} WHERE {key} BETWEEN ? AND ? ORDER BY {key})")
+           f"FROM {table} WHERE {where} ORDER BY {key})")
     cur = con.cursor()
     try:
-        cur.execute(sql, (lo, hi))
+        cur.execute(sql, params)
         text = cur.fetchone()[0]
     finally:
         cur.close()

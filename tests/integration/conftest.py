@@ -34,12 +34,14 @@ name = "lab_results"
 kind = "xml"
 location = "{{data_dir}}/demo/lab_feeds"
 chunk_size = 150
+settle_s = 1
 
 [[sources]]
 name = "registrations"
 kind = "excel"
 location = "{{data_dir}}/demo/registrations"
 chunk_size = 100
+settle_s = 1
 """
 
 

@@ -66,7 +66,7 @@ def test_ledger_lists_every_chunk_once(env, first_runs):
     for source, summary in first_runs.items():
         chunks = runs.chunk_rows(r, summary.run_id)
         assert len(chunks) > 1, f"{source} should have been cut into several chunks"
-        ledger = env.query("SELECT chunk_id, rows_loaded + rows_quarantined FROM "
+        ledger = env.query("SELECT chunk_id, rows_loaded + rows_quarantined + rows_unchanged FROM "
                            "etl_load_ledger WHERE run_id = ?", [summary.run_id])
         assert dict(ledger) == chunks
         assert len(ledger) == len({row[0] for row in ledger})
@@ -101,15 +101,22 @@ def test_same_load_message_twice_changes_nothing(env, first_runs):
 
 
 def test_second_run_without_new_data_loads_nothing(env, first_runs):
-    """Running every source again loads nothing; file sources report their rows as skipped."""
+    """Running every source again loads nothing, doubles nothing and leaves no file behind."""
     before = {t: env.query(f"SELECT count(*) FROM {t}")[0][0] for t, _ in TABLES.values()}
     again = {h.source: h.wait(timeout=120) for h in [run_source(n) for n in TABLES]}
     for source, summary in again.items():
         assert summary.status == "finished", summary.error
         assert (summary.loaded, summary.quarantined) == (0, 0), source
-    assert again["billing"].extracted == 0
+    # Billing re-reads only its UPDATED_AT look-back window; those rows are unchanged: skipped.
+    assert again["billing"].skipped == again["billing"].extracted < 1_000
     for source in ("lab_results", "registrations"):
-        assert again[source].skipped == _source_rows(env, source)[0]
+        # The first run moved its files to processed/: the inbox holds nothing new.
+        assert again[source].extracted == 0
+        inbox = env.root / "data" / "demo" / ("lab_feeds" if source == "lab_results"
+                                                else "registrations")
+        names = {f["name"] for f in env.manifest[inbox.name]}
+        assert {p.name for p in (inbox / "processed").iterdir()} == names
+        assert not [p for p in inbox.iterdir() if p.is_file()]
     after = {t: env.query(f"SELECT count(*) FROM {t}")[0][0] for t, _ in TABLES.values()}
     assert after == before
 
@@ -121,8 +128,8 @@ def test_new_firebird_rows_are_loaded_by_the_next_run(env, first_runs):
     generate_claims(get_resources().firebird_target, first_new, 2_500)
     summary = run_source("billing").wait(timeout=120)
     assert summary.status == "finished", summary.error
-    assert summary.extracted == 2_500
     assert summary.loaded + summary.quarantined == 2_500
+    assert summary.extracted == 2_500 + summary.skipped  # plus the look-back re-read
     [(after,)] = env.query("SELECT count(*) FROM billing_claims")
     assert after == before + summary.loaded
     [(new_rows,)] = env.query("SELECT count(*) FROM billing_claims WHERE claim_id >= ?",
