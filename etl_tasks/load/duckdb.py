@@ -28,7 +28,9 @@ class TableKey:
 # The natural key of each dataset: what "no duplicate rows" means for it.
 KEYS: dict[str, TableKey] = {
     "billing_claims": TableKey(("claim_id",), "updated_at"),
-    "lab_results": TableKey(("result_id",), "reported_at"),
+    # ResultId is unique only within a file (DESIGN.md): another file's result with the same
+    # id is a different result unless patient and test match too (then it is a correction).
+    "lab_results": TableKey(("result_id", "patient_id", "test_code"), "reported_at"),
     "patient_registrations": TableKey(("mrn", "clinic", "registration_date")),
 }
 

@@ -12,7 +12,7 @@ from etl_tasks.resources import get_resources
 pytestmark = pytest.mark.integration
 
 TABLES = {"billing": ("billing_claims", "claim_id"),
-          "lab_results": ("lab_results", "result_id"),
+          "lab_results": ("lab_results", "result_id, patient_id, test_code"),
           "registrations": ("patient_registrations", "mrn, clinic, registration_date")}
 
 

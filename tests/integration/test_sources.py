@@ -1,0 +1,162 @@
+"""Sources in the real world: inbox lifecycle, duplicate uploads, files still being written,
+`etl run --path`, and Firebird rows updated after they were loaded."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+from decimal import Decimal
+
+import pytest
+
+from etl_tasks.api import run_source
+from etl_tasks.demo_files import write_lab_feeds
+from etl_tasks.resources import get_resources
+
+pytestmark = pytest.mark.integration
+
+
+def _settle(*paths):
+    past = time.time() - 60
+    for path in paths:
+        os.utime(path, (past, past))
+
+
+@pytest.fixture
+def lab_inbox(env):
+    inbox = env.root / "data" / "demo" / "lab_feeds"
+    inbox.mkdir(parents=True, exist_ok=True)
+    return inbox
+
+
+def test_loaded_file_moves_to_processed_and_a_broken_one_to_quarantine(env, lab_inbox,
+                                                                        tmp_path):
+    """After the commit a good file is in processed/, a truncated one in quarantine/ with a
+    reason file, and the good file's rows are loaded while the other's are not."""
+    made = write_lab_feeds(tmp_path, files=2, records_per_file=40, seed=101)
+    good, broken = (tmp_path / m.name for m in made)
+    shutil.copy(good, lab_inbox / "partner_good.xml")
+    data = broken.read_bytes()
+    (lab_inbox / "partner_cut.xml").write_bytes(data[: len(data) // 2])
+    _settle(lab_inbox / "partner_good.xml", lab_inbox / "partner_cut.xml")
+    summary = run_source("lab_results").wait(timeout=90)
+    assert summary.status == "finished", summary.error
+    files = {f["name"]: f for f in summary.files}
+    assert files["partner_good.xml"]["status"] == "loaded"
+    assert (files["partner_good.xml"]["rows_loaded"] + files["partner_good.xml"][
+        "rows_quarantined"]) == made[0].rows
+    assert files["partner_cut.xml"]["status"] == "quarantined"
+    assert "line" in files["partner_cut.xml"]["reason"]
+    assert (lab_inbox / "processed" / "partner_good.xml").exists()
+    assert (lab_inbox / "quarantine" / "partner_cut.xml").exists()
+    reason = (lab_inbox / "quarantine" / "partner_cut.xml.reason.txt").read_text()
+    assert reason.strip() == files["partner_cut.xml"]["reason"]
+    refs = env.query("SELECT count(*) FROM lab_results WHERE source_ref LIKE 'partner_cut.xml#%'")
+    assert refs == [(0,)]
+
+
+def test_same_content_under_another_name_is_loaded_once(env, lab_inbox, tmp_path):
+    """Uploading the same bytes again under a new name loads nothing and reports it skipped."""
+    made = write_lab_feeds(tmp_path, files=1, records_per_file=30, seed=202)
+    src = tmp_path / made[0].name
+    shutil.copy(src, lab_inbox / "upload_a.xml")
+    _settle(lab_inbox / "upload_a.xml")
+    first = run_source("lab_results").wait(timeout=90)
+    assert first.loaded + first.quarantined == made[0].rows
+    shutil.copy(src, lab_inbox / "upload_b_same_bytes.xml")
+    _settle(lab_inbox / "upload_b_same_bytes.xml")
+    second = run_source("lab_results").wait(timeout=90)
+    assert (second.loaded, second.quarantined, second.skipped) == (0, 0, made[0].rows)
+    assert (lab_inbox / "processed" / "upload_b_same_bytes.xml").exists()
+
+
+def test_a_file_still_being_written_is_left_for_a_later_run(env, lab_inbox, tmp_path):
+    """A temporary name or a file modified within the settle time is not picked up."""
+    made = write_lab_feeds(tmp_path, files=1, records_per_file=20, seed=303)
+    shutil.copy(tmp_path / made[0].name, lab_inbox / "incoming.xml.part")
+    _settle(lab_inbox / "incoming.xml.part")
+    shutil.copy(tmp_path / made[0].name, lab_inbox / "fresh.xml")  # mtime: now
+    summary = run_source("lab_results").wait(timeout=90)
+    assert summary.extracted == 0
+    assert (lab_inbox / "incoming.xml.part").exists()
+    assert (lab_inbox / "fresh.xml").exists()
+    os.rename(lab_inbox / "incoming.xml.part", lab_inbox / "incoming.xml")
+    _settle(lab_inbox / "incoming.xml")
+    time.sleep(1.2)  # fresh.xml settles too (settle_s = 1 in the test pipeline)
+    summary = run_source("lab_results").wait(timeout=90)
+    # The same content twice (two names) is one unit: loaded once.
+    assert summary.extracted == made[0].rows
+    assert not (lab_inbox / "fresh.xml").exists()
+
+
+def test_etl_run_path_lists_every_file_and_leaves_the_folder_alone(env, tmp_path):
+    """`etl run SOURCE --path DIR --wait --json` reports each file and moves nothing."""
+    folder = tmp_path / "batch"
+    made = write_lab_feeds(folder, files=3, records_per_file=25, seed=404)
+    (folder / "not_xml.xml").write_text("this is not XML at all")
+    before = sorted(p.name for p in folder.iterdir())
+    etl = os.path.join(os.path.dirname(sys.executable), "etl")
+    done = subprocess.run([etl, "run", "lab_results", "--path", str(folder), "--wait",
+                           "--json"], env=env.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    [summary] = json.loads(done.stdout)
+    files = {f["name"]: f for f in summary["files"]}
+    assert set(files) == {m.name for m in made} | {"not_xml.xml"}
+    for m in made:
+        f = files[m.name]
+        assert f["status"] == "loaded"
+        assert (f["rows_loaded"], f["rows_quarantined"]) == (
+            m.rows - sum(m.defects.values()), sum(m.defects.values()))
+    assert files["not_xml.xml"]["status"] == "quarantined"
+    assert files["not_xml.xml"]["reason"]
+    assert summary["loaded"] == sum(f["rows_loaded"] for f in files.values())
+    assert sorted(p.name for p in folder.iterdir()) == before
+
+
+def _execute(sql, params=()):
+    with get_resources().firebird_pool.connection() as con:
+        cur = con.cursor()
+        cur.execute(sql, params)
+        cur.close()
+
+
+def test_a_claim_updated_at_the_source_is_loaded_again_as_its_new_version(env):
+    """A row updated after it was loaded replaces its stored version: new values, no double."""
+    run_source("billing").wait(timeout=120)  # nothing pending before the update
+    [(count_before,)] = env.query("SELECT count(*) FROM billing_claims")
+    ids = [r[0] for r in env.query(
+        "SELECT claim_id FROM billing_claims ORDER BY claim_id LIMIT 5 OFFSET 10")]
+    marks = ",".join("?" * len(ids))
+    _execute(f"UPDATE BILLING_CLAIMS SET AMOUNT = 12345.67, STATUS = 'paid', "
+             f"UPDATED_AT = DATEADD(1 DAY TO (SELECT MAX(UPDATED_AT) FROM BILLING_CLAIMS)) "
+             f"WHERE CLAIM_ID IN ({marks})", ids)
+    summary = run_source("billing").wait(timeout=120)
+    assert summary.status == "finished", summary.error
+    assert summary.loaded == len(ids)
+    rows = env.query(f"SELECT claim_id, amount, status FROM billing_claims "
+                     f"WHERE claim_id IN ({marks})", ids)
+    assert sorted(rows) == [(i, Decimal("12345.67"), "paid") for i in sorted(ids)]
+    assert env.query("SELECT count(*) FROM billing_claims") == [(count_before,)]
+
+
+def test_since_and_full_reread_without_duplicates(env):
+    """`--since` backfills a window and `--full` re-reads everything; nothing is doubled."""
+    [(count_before,)] = env.query("SELECT count(*) FROM billing_claims")
+    [(q_before,)] = env.query("SELECT count(*) FROM etl_quarantine WHERE source = 'billing'")
+    backfill = run_source("billing", since=datetime(2026, 1, 1) - timedelta(days=1)).wait(
+        timeout=180)
+    assert backfill.status == "finished", backfill.error
+    assert backfill.extracted >= count_before
+    assert (backfill.loaded, backfill.quarantined) == (0, 0)
+    full = run_source("billing", full=True).wait(timeout=180)
+    assert full.status == "finished", full.error
+    assert full.extracted == count_before + q_before
+    assert (full.loaded, full.quarantined, full.skipped) == (0, 0, full.extracted)
+    assert env.query("SELECT count(*) FROM billing_claims") == [(count_before,)]
+    assert env.query("SELECT count(*) FROM etl_quarantine WHERE source = 'billing'") == [
+        (q_before,)]
