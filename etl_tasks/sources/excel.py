@@ -1,26 +1,42 @@
-"""Patient registration uploads (.xlsx, .xls, .ods): stream data rows as Arrow batches of text.
+"""Patient registration uploads (.xlsx, .xlsm, .xls, .ods): stream data rows as Arrow batches.
 
-The header row is found under any title rows and matched case- and space-insensitively. Engines
-are tried in the order of OPENERS (python-calamine today; an openpyxl fallback and CSV sidecars
-can be appended). Cells become text without losing digits; parsing belongs to the transform.
+Before any engine parses a zip container (.xlsx, .xlsm, .ods) its declared and actual
+decompressed sizes are bounded (zip bombs), macro-enabled workbooks are refused unless allowed
+(macros are never run), and empty, renamed, encrypted or truncated files get their own reason.
+Then strategies are tried in order, each attempt logged: python-calamine, openpyxl (read-only,
+.xlsx/.xlsm), a CSV sidecar with the same stem (`upload.csv` beside `upload.xlsx`), and the last
+good copy of the upload (same name in `last_good_dir`). A strategy fails when it cannot open
+the file or finds no header; once one has found the header its rows are read to the end, and
+an error there quarantines the file. If every strategy fails, the reason lists each one's.
+
+The header row is found under any title rows and matched case- and space-insensitively. Cells
+become text without losing digits; parsing belongs to the transform.
 """
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
-import errno
 import itertools
-import re
+import logging
+import lzma
+import warnings
 import zipfile
+import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import openpyxl
 import pyarrow as pa
 import python_calamine
+from openpyxl.utils.exceptions import InvalidFileException
 
-from etl_tasks.errors import EtlError, FatalError, SourceFileError, TransientError
+from etl_tasks.errors import EtlError, FatalError, SourceFileError
+from etl_tasks.sources import files
+
+log = logging.getLogger(__name__)
 
 CANONICAL = {
     "MRN": "mrn",
@@ -36,16 +52,18 @@ CANONICAL = {
 }
 """Header name as documented -> output column."""
 COLUMNS = tuple(CANONICAL.values())
-SCHEMA = pa.schema(
-    [pa.field(name, pa.string()) for name in COLUMNS]
-    + [
-        pa.field("_source_ref", pa.string(), nullable=False),
-        pa.field("_duplicate", pa.bool_(), nullable=False),
-    ]
-)
+SCHEMA = files.text_schema(COLUMNS)
 HEADER_SEARCH_ROWS = 20
 """The header must be within this many rows from the top of a sheet."""
 EXTENSIONS = frozenset({".xlsx", ".xlsm", ".xls", ".ods"})
+MAX_UNCOMPRESSED_BYTES = 500_000_000
+"""Default of the `max_uncompressed_bytes` layout option: a workbook's whole unzipped size."""
+MAX_RATIO = 100
+"""A zip member larger than RATIO_MIN_BYTES may be at most this many times its compressed size."""
+RATIO_MIN_BYTES = 1_000_000
+MACROS_REFUSED = (
+    "macro-enabled workbook refused (set allow_macros to read its data; macros are never run)"
+)
 
 Cell = str | int | float | bool | dt.date | dt.datetime | dt.time | dt.timedelta | None
 
@@ -60,58 +78,84 @@ class Workbook:
     close: Callable[[], None]
 
 
-def _open_calamine(path: Path) -> Workbook:
-    book = python_calamine.CalamineWorkbook.from_path(path)
-
-    def rows(name: str) -> Iterator[Sequence[Cell]]:
-        sheet = book.get_sheet_by_name(name)
-        if sheet.start is None:  # an empty sheet has no range to iterate
-            return iter(())
-        # iter_rows pads the rows above the used range with empty rows (unlike to_python), so
-        # the n-th row is Excel row n; columns start at the used range's first column.
-        return iter(sheet.iter_rows())
-
-    return Workbook(list(book.sheet_names), rows, book.close)
+@dataclass(frozen=True)
+class _Options:
+    sheet: str | None
+    last_good_dir: Path | None
+    max_uncompressed_bytes: int
+    allow_macros: bool
 
 
-OPENERS: tuple[Callable[[Path], Workbook], ...] = (_open_calamine,)
-"""Engines tried in order until one opens the file."""
+@dataclass(frozen=True)
+class _Located:
+    """A strategy's success: where the data rows are and how to release the file."""
+
+    ref_prefix: str
+    header_row: int
+    positions: dict[int, str]
+    rows: Iterator[Sequence[Cell]]
+    close: Callable[[], None]
+
+
+class _Failed(Exception):
+    """A strategy cannot read the upload; the next one is tried."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class _Refused(Exception):
+    """The upload is refused before any parse (hostile or not allowed); nothing else is tried."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+        super().__init__(reason)
+
 
 _KEYS = {"".join(name.split()).lower(): column for name, column in CANONICAL.items()}
 _REQUIRED_KEYS = ("mrn", "dateofbirth")
 _SIGNATURES = {b"PK\x03\x04": "zip", b"\xd0\xcf\x11\xe0": "ole"}
 _EXPECTED_SIGNATURE = {".xlsx": "zip", ".xlsm": "zip", ".ods": "zip", ".xls": "ole"}
+_OPENPYXL_SUFFIXES = frozenset({".xlsx", ".xlsm"})
+_ENCRYPTED_MARKS = ("EncryptedPackage".encode("utf-16-le"), b"EncryptedPackage")
 _REEXPORT = "ask the sender to export it again from the spreadsheet program"
-_TRANSIENT_ERRNOS = frozenset(
-    {
-        errno.ENOENT,
-        errno.ESTALE,
-        errno.EAGAIN,
-        errno.EBUSY,
-        errno.EIO,
-        errno.EINTR,
-        errno.ENFILE,
-        errno.EMFILE,
-        errno.ETIMEDOUT,
-    }
-)
-_OS_ERRNO = re.compile(r"\(os error (\d+)\)")
+_CHUNK = 1 << 20
 
 
 def iter_batches(
-    path: Path, *, batch_rows: int, source: str, sheet: str | None = None, **layout: Any
+    path: Path,
+    *,
+    batch_rows: int,
+    source: str,
+    sheet: str | None = None,
+    last_good_dir: Path | str | None = None,
+    max_uncompressed_bytes: int = MAX_UNCOMPRESSED_BYTES,
+    allow_macros: bool = False,
+    **layout: Any,
 ) -> Iterator[pa.Table]:
     """Yield the data rows under the header as tables of at most `batch_rows` rows (SCHEMA).
 
     `sheet` names the sheet to read; by default the first sheet that has the header row is.
-    Fully blank rows are skipped; `_source_ref` keeps the real Excel row number.
+    `last_good_dir` holds the last good copy of each upload, by name (the last strategy).
+    Fully blank rows are skipped; `_source_ref` keeps the real row number.
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
     if layout:
         raise FatalError(f"unknown layout options for a workbook: {sorted(layout)}", source=source)
+    if isinstance(max_uncompressed_bytes, bool) or not isinstance(max_uncompressed_bytes, int):
+        raise FatalError("max_uncompressed_bytes must be a whole number of bytes", source=source)
+    if max_uncompressed_bytes < 1:
+        raise FatalError("max_uncompressed_bytes must be at least 1", source=source)
+    options = _Options(
+        sheet=sheet,
+        last_good_dir=Path(last_good_dir) if last_good_dir is not None else None,
+        max_uncompressed_bytes=max_uncompressed_bytes,
+        allow_macros=bool(allow_macros),
+    )
     try:
-        yield from _read(path, batch_rows, source, sheet)
+        yield from _read(path, batch_rows, source, options)
     except EtlError:
         raise
     except Exception as exc:
@@ -129,26 +173,36 @@ def classify(
     if isinstance(exc, EtlError):
         return exc
     where = str(path) if path is not None else getattr(exc, "filename", None) or "<workbook>"
-    # Engine messages are left out of reasons on purpose: they can quote bytes of the file.
+    short = _short_reason(exc)
+    if short is not None:
+        return SourceFileError(where, f"{short}; {_REEXPORT}", source=source)
+    if isinstance(exc, OSError):
+        return files.classify_os_error(exc, where, source)
+    return FatalError(
+        f"{where}: unexpected {type(exc).__name__} while reading the workbook; see the traceback",
+        source=source,
+    )
+
+
+def _short_reason(exc: BaseException) -> str | None:
+    """Our own words for an engine's error; engine messages can quote bytes of the file."""
     if isinstance(exc, python_calamine.PasswordError):
-        reason = "the workbook is password-protected; ask the sender for an unprotected copy"
-    elif isinstance(exc, python_calamine.ZipError | zipfile.BadZipFile):
-        reason = f"the workbook is not a readable zip archive (truncated or damaged); {_REEXPORT}"
-    elif isinstance(exc, python_calamine.XmlError):
-        reason = f"the workbook's internal XML is damaged; {_REEXPORT}"
-    elif isinstance(exc, python_calamine.CalamineError):
-        reason = f"the file cannot be read as a .xlsx, .xls or .ods workbook; {_REEXPORT}"
-    elif _is_panic(exc):
-        reason = f"the spreadsheet engine crashed on this file; {_REEXPORT}"
-    elif isinstance(exc, OSError):
-        return _classify_os_error(exc, where, source)
-    else:
-        return FatalError(
-            f"{where}: unexpected {type(exc).__name__} while reading the workbook; "
-            "see the traceback",
-            source=source,
-        )
-    return SourceFileError(where, reason, source=source)
+        return "the workbook is password-protected (ask the sender for an unprotected copy)"
+    if isinstance(exc, python_calamine.ZipError | zipfile.BadZipFile):
+        return "the workbook is not a readable zip archive (truncated or damaged)"
+    if isinstance(exc, python_calamine.XmlError):
+        return "the workbook's internal XML is damaged"
+    if isinstance(exc, python_calamine.CalamineError):
+        return "the file cannot be read as a .xlsx, .xls or .ods workbook"
+    if isinstance(exc, InvalidFileException):
+        return "the file is not a workbook openpyxl can read"
+    if isinstance(exc, UnicodeDecodeError):
+        return "the text is not UTF-8"
+    if isinstance(exc, csv.Error):
+        return "the text is not a well-formed CSV"
+    if _is_panic(exc):
+        return "the spreadsheet engine crashed on this file"
+    return None
 
 
 def _is_panic(exc: BaseException) -> bool:
@@ -156,52 +210,281 @@ def _is_panic(exc: BaseException) -> bool:
     return type(exc).__name__ == "PanicException"
 
 
-def _read(path: Path, batch_rows: int, source: str, sheet: str | None) -> Iterator[pa.Table]:
-    _check_signature(path, source)
-    book = _open(path)
+def _read(path: Path, batch_rows: int, source: str, options: _Options) -> Iterator[pa.Table]:
+    try:
+        problem = _precheck(path, options)
+    except _Refused as exc:
+        log.warning("%s: refused before parsing: %s", path.name, exc.reason)
+        raise SourceFileError(str(path), exc.reason, source=source) from None
+    failures: list[tuple[str, str]] = []
+    for name, attempt in _strategies(path, source, options, problem):
+        try:
+            located = attempt()
+        except _Failed as exc:
+            log.info("%s: strategy %s failed: %s", path.name, name, exc.reason)
+            failures.append((name, exc.reason))
+            continue
+        log.info("%s: strategy %s succeeded; reading %s", path.name, name, located.ref_prefix)
+        try:
+            yield from _batches(located, batch_rows)
+        finally:
+            located.close()
+        return
+    log.warning("%s: every strategy failed", path.name)
+    raise SourceFileError(
+        str(path),
+        f"no strategy could read the upload ({_summary(failures)}); {_REEXPORT}",
+        source=source,
+    )
+
+
+def _summary(failures: list[tuple[str, str]]) -> str:
+    """`a, b: same reason; c: other reason`: consecutive strategies with one reason merged."""
+    parts: list[str] = []
+    for reason, group in itertools.groupby(failures, key=lambda failure: failure[1]):
+        parts.append(f"{', '.join(name for name, _ in group)}: {reason}")
+    return "; ".join(parts)
+
+
+def _strategies(
+    path: Path, source: str, options: _Options, problem: str | None
+) -> list[tuple[str, Callable[[], _Located]]]:
+    def engine(opener: Callable[[Path], Workbook]) -> Callable[[], _Located]:
+        def attempt() -> _Located:
+            if opener is _open_openpyxl and path.suffix.lower() not in _OPENPYXL_SUFFIXES:
+                raise _Failed("openpyxl reads only .xlsx and .xlsm")
+            if problem is not None:
+                raise _Failed(problem)
+            return _attempt(path, path.name, opener, source, options.sheet)
+
+        return attempt
+
+    return [
+        ("python-calamine", engine(_open_calamine)),
+        ("openpyxl", engine(_open_openpyxl)),
+        ("csv sidecar", lambda: _sidecar(path, source)),
+        ("last good copy", lambda: _last_good(path, source, options)),
+    ]
+
+
+def _attempt(
+    path: Path, label: str, opener: Callable[[Path], Workbook], source: str, sheet: str | None
+) -> _Located:
+    """Open `path` with one engine and find its header, or raise _Failed."""
+    try:
+        book = opener(path)
+    except BaseException as exc:
+        raise _Failed(_failure(exc, path, source)) from exc
     try:
         name, header_row, positions, rows = _locate(book, path, source, sheet)
-        yield from _batches(path.name, name, header_row, positions, rows, batch_rows)
-    finally:
+    except SourceFileError as exc:
         book.close()
+        raise _Failed(exc.reason) from None
+    except BaseException as exc:
+        book.close()
+        raise _Failed(_failure(exc, path, source)) from exc
+    return _Located(f"{label}!{name}", header_row, positions, rows, book.close)
 
 
-def _open(path: Path) -> Workbook:
-    errors: list[Exception] = []
-    for opener in OPENERS:
+def _failure(exc: BaseException, path: Path, source: str) -> str:
+    """A strategy's short reason, or re-raise what no other strategy can help with."""
+    short = _short_reason(exc)
+    if short is not None:
+        return short
+    if isinstance(exc, OSError):
+        error = files.classify_os_error(exc, str(path), source)
+        if isinstance(error, SourceFileError):
+            return error.reason
+        raise error from exc
+    if isinstance(exc, _Failed):
+        return exc.reason
+    if isinstance(exc, Exception):
+        return f"the engine could not read it ({type(exc).__name__})"
+    raise exc
+
+
+def _open_calamine(path: Path) -> Workbook:
+    book = python_calamine.CalamineWorkbook.from_path(path)
+
+    def rows(name: str) -> Iterator[Sequence[Cell]]:
+        sheet = book.get_sheet_by_name(name)
+        if sheet.start is None:  # an empty sheet has no range to iterate
+            return iter(())
+        # iter_rows pads the rows above the used range with empty rows (unlike to_python), so
+        # the n-th row is Excel row n; columns start at the used range's first column.
+        return iter(sheet.iter_rows())
+
+    return Workbook(list(book.sheet_names), rows, book.close)
+
+
+def _open_openpyxl(path: Path) -> Workbook:
+    if path.suffix.lower() not in _OPENPYXL_SUFFIXES:
+        raise _Failed("openpyxl reads only .xlsx and .xlsm")
+    with warnings.catch_warnings():
+        # openpyxl warns about styles and extensions it does not keep; the data is unaffected.
+        warnings.simplefilter("ignore")
+        book = openpyxl.load_workbook(
+            path, read_only=True, data_only=True, keep_links=False, keep_vba=False
+        )
+
+    def rows(name: str) -> Iterator[Sequence[Cell]]:
+        # Read-only rows start at row 1 and column A, gaps padded, so position = row number.
+        return iter(book[name].iter_rows(values_only=True))
+
+    return Workbook(list(book.sheetnames), rows, book.close)
+
+
+def _sidecar(path: Path, source: str) -> _Located:
+    """`upload.csv` beside `upload.xlsx`: same header search, rows numbered as CSV records."""
+    candidates = [path.with_suffix(suffix) for suffix in (".csv", ".CSV")]
+    sidecar = next((candidate for candidate in candidates if candidate.is_file()), None)
+    if sidecar is None:
+        raise _Failed(f"no {path.stem}.csv beside the file")
+    try:
+        stream = sidecar.open(encoding="utf-8-sig", newline="")
+    except OSError as exc:
+        raise _Failed(_failure(exc, sidecar, source)) from exc
+    reader = csv.reader(stream)
+    book = Workbook([sidecar.name], lambda _name: iter(reader), stream.close)
+    try:
+        _name, header_row, positions, rows = _locate(book, sidecar, source, None)
+    except SourceFileError as exc:
+        stream.close()
+        raise _Failed(exc.reason) from None
+    except Exception as exc:
+        stream.close()
+        raise _Failed(_failure(exc, sidecar, source)) from exc
+    return _Located(sidecar.name, header_row, positions, rows, stream.close)
+
+
+def _last_good(path: Path, source: str, options: _Options) -> _Located:
+    """The copy of this upload kept after its last good load, read by the workbook engines."""
+    if options.last_good_dir is None:
+        raise _Failed("no last_good_dir configured")
+    copy = options.last_good_dir / path.name
+    label = f"last-good/{copy.name}"
+    try:
+        if not copy.is_file():
+            raise _Failed(f"no copy of {path.name} in last_good_dir")
+        problem = _precheck(copy, options)
+    except _Refused as exc:
+        raise _Failed(exc.reason) from None
+    except OSError as exc:
+        raise _Failed(_failure(exc, copy, source)) from exc
+    if problem is not None:
+        raise _Failed(problem)
+    reasons: list[tuple[str, str]] = []
+    for name, opener in (("python-calamine", _open_calamine), ("openpyxl", _open_openpyxl)):
         try:
-            return opener(path)
-        except Exception as exc:  # noqa: BLE001 - the next engine may cope; the first error is raised
-            errors.append(exc)
-    raise errors[0]
+            return _attempt(copy, label, opener, source, options.sheet)
+        except _Failed as exc:
+            reasons.append((name, exc.reason))
+    raise _Failed(f"the copy cannot be read either ({_summary(reasons)})")
 
 
-def _check_signature(path: Path, source: str) -> None:
-    """Give a precise reason for the common wrong-file cases before any engine tries."""
+def _precheck(path: Path, options: _Options) -> str | None:
+    """Before any parse: raise _Refused for what must not be read; return why the workbook
+    engines cannot read the file (empty, renamed, encrypted, truncated), or None."""
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    suffix = path.suffix.lower()
+    if suffix == ".xlsm" and not options.allow_macros:
+        raise _Refused(MACROS_REFUSED)
     with path.open("rb") as stream:
         head = stream.read(8)
-    if not head:
-        raise SourceFileError(str(path), f"the file is empty (0 bytes); {_REEXPORT}", source=source)
-    expected = _EXPECTED_SIGNATURE.get(path.suffix.lower())
+    expected = _EXPECTED_SIGNATURE.get(suffix)
     found = _SIGNATURES.get(head[:4])
-    if expected is None or found == expected:
-        return
+    if expected is not None and found != expected:
+        return _mismatch(path, suffix, head, found)
+    if found == "zip":
+        return _check_zip(path, options)
+    return None
+
+
+def _mismatch(path: Path, suffix: str, head: bytes, found: str | None) -> str:
     if found is None:
         what = "plain text (a CSV or report renamed?)" if _looks_like_text(head) else "unknown"
-        reason = f"the content is not a {path.suffix} workbook but {what}; {_REEXPORT}"
-    elif found == "ole":
-        reason = (
-            f"the content is an OLE file, not a {path.suffix} workbook: a password-protected "
-            f"workbook or a legacy .xls renamed; {_REEXPORT}"
-        )
-    else:
-        reason = f"the content is a zip archive, not a legacy {path.suffix} workbook; {_REEXPORT}"
-    raise SourceFileError(str(path), reason, source=source)
+        return f"the content is not a {suffix} workbook but {what}"
+    if found == "ole":
+        if _contains_any(path, _ENCRYPTED_MARKS):
+            return (
+                "the workbook is encrypted with a password (an OLE EncryptedPackage); "
+                "ask the sender for an unprotected copy"
+            )
+        return f"the content is an OLE file, not a {suffix} workbook (a legacy .xls renamed?)"
+    return f"the content is a zip archive, not a legacy {suffix} workbook"
 
 
 def _looks_like_text(head: bytes) -> bool:
     text = head.decode("utf-8", errors="ignore")  # 8 bytes may cut a character in two
     return bool(text) and all(char.isprintable() or char.isspace() for char in text)
+
+
+def _contains_any(path: Path, marks: Sequence[bytes]) -> bool:
+    """Whether any of `marks` occurs in the file, scanned in chunks (bounded memory)."""
+    overlap = max(len(mark) for mark in marks) - 1
+    tail = b""
+    with path.open("rb") as stream:
+        while chunk := stream.read(_CHUNK):
+            window = tail + chunk
+            if any(mark in window for mark in marks):
+                return True
+            tail = window[-overlap:]
+    return False
+
+
+def _check_zip(path: Path, options: _Options) -> str | None:
+    """Zip-bomb limits on declared sizes, then on the bytes each member really inflates to."""
+    limit = options.max_uncompressed_bytes
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        return "the workbook is not a readable zip archive (truncated or damaged)"
+    with archive:
+        members = [info for info in archive.infolist() if not info.is_dir()]
+        declared = sum(info.file_size for info in members)
+        if declared > limit:
+            raise _Refused(_too_big(declared, limit))
+        for info in members:
+            if info.file_size > RATIO_MIN_BYTES and info.file_size > MAX_RATIO * max(
+                info.compress_size, 1
+            ):
+                raise _Refused(
+                    f"refused: a part of the workbook would decompress "
+                    f"{info.file_size // max(info.compress_size, 1):,}:1 "
+                    f"({files.megabytes(info.file_size)} MB; limit {MAX_RATIO}:1 on parts over "
+                    f"{files.megabytes(RATIO_MIN_BYTES)} MB); a zip bomb or an export gone wrong"
+                )
+        if not options.allow_macros and any(
+            info.filename.lower().endswith("vbaproject.bin") for info in members
+        ):
+            raise _Refused(MACROS_REFUSED)
+        # Declared sizes can lie: inflate every member once, counting, before an engine does.
+        budget = limit
+        for info in members:
+            try:
+                with archive.open(info) as member:
+                    while chunk := member.read(_CHUNK):
+                        budget -= len(chunk)
+                        if budget < 0:
+                            raise _Refused(_too_big(limit - budget, limit))
+            except (zipfile.BadZipFile, EOFError, zlib.error, lzma.LZMAError, ValueError):
+                return (
+                    "the workbook's zip archive is damaged: a part does not match its recorded "
+                    "size or checksum (truncated or tampered)"
+                )
+            except NotImplementedError:
+                return "the workbook's zip archive uses a compression method that is not supported"
+            except RuntimeError:
+                return "a part of the workbook's zip archive is encrypted"
+    return None
+
+
+def _too_big(size: int, limit: int) -> str:
+    return (
+        f"refused: the workbook would decompress to {files.megabytes(size)} MB "
+        f"(limit {files.megabytes(limit)} MB); a zip bomb or an export gone wrong"
+    )
 
 
 def _locate(
@@ -246,30 +529,22 @@ def _positions(keys: list[str], path: Path, source: str, sheet: str, row: int) -
     return positions
 
 
-def _batches(
-    file_name: str,
-    sheet: str,
-    header_row: int,
-    positions: dict[int, str],
-    rows: Iterator[Sequence[Cell]],
-    batch_rows: int,
-) -> Iterator[pa.Table]:
-    index_of = {column: index for index, column in positions.items()}
+def _batches(located: _Located, batch_rows: int) -> Iterator[pa.Table]:
+    index_of = {column: index for index, column in located.positions.items()}
     picks = [index_of.get(column) for column in COLUMNS]
     mrn_index = index_of.get("mrn", -1)
-    seen: set[str] = set()
+    keys = files.DuplicateKeys()
     pending: list[Sequence[Cell]] = []
     refs: list[str] = []
     duplicates: list[bool] = []
-    for number, row in enumerate(rows, start=header_row + 1):
+    for number, row in enumerate(located.rows, start=located.header_row + 1):
         if not any(cell.strip() if isinstance(cell, str) else cell is not None for cell in row):
             continue  # fully blank rows are layout, not data
         pending.append(row)
-        refs.append(f"{file_name}!{sheet}:row={number}")
-        key = (cell_text(row[mrn_index]) or "").strip() if 0 <= mrn_index < len(row) else ""
-        duplicates.append(key in seen)
-        if key:
-            seen.add(key)
+        refs.append(f"{located.ref_prefix}:row={number}")
+        duplicates.append(
+            keys.flag(cell_text(row[mrn_index]) if 0 <= mrn_index < len(row) else None)
+        )
         if len(pending) >= batch_rows:
             yield _table(pending, picks, refs, duplicates)
             pending, refs, duplicates = [], [], []
@@ -302,9 +577,7 @@ def _table(
     rows: list[Sequence[Cell]], picks: list[int | None], refs: list[str], duplicates: list[bool]
 ) -> pa.Table:
     """Build the batch column by column: one pass per column is faster than one per cell."""
-    arrays = [_column(rows, index) for index in picks]
-    arrays += [pa.array(refs, pa.string()), pa.array(duplicates, pa.bool_())]
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    return files.batch_table(SCHEMA, [_column(rows, index) for index in picks], refs, duplicates)
 
 
 def _column(rows: list[Sequence[Cell]], index: int | None) -> pa.Array:
@@ -314,27 +587,4 @@ def _column(rows: list[Sequence[Cell]], index: int | None) -> pa.Array:
     # Text cells are the common case; skip the call for them.
     return pa.array(
         [(cell or None) if type(cell) is str else cell_text(cell) for cell in cells], pa.string()
-    )
-
-
-def _classify_os_error(exc: OSError, where: str, source: str | None) -> EtlError:
-    number = exc.errno
-    if number is None and (match := _OS_ERRNO.search(str(exc))):
-        number = int(match.group(1))  # calamine's OSError carries the errno in its message only
-    if number in _TRANSIENT_ERRNOS:
-        return TransientError(
-            f"{where}: the file vanished or could not be read just now "
-            f"({errno.errorcode.get(number or 0, 'OS error')}); a retry may succeed",
-            source=source,
-        )
-    if number in (errno.EACCES, errno.EPERM):
-        return SourceFileError(
-            where, "permission denied; fix the file's permissions and re-run", source=source
-        )
-    if number == errno.EISDIR:
-        return SourceFileError(
-            where, "is a directory, not a file; move it out of the inbox", source=source
-        )
-    return FatalError(
-        f"{where}: cannot be read ({type(exc).__name__}); see the traceback", source=source
     )

@@ -1,23 +1,31 @@
-"""Partner lab feeds (XML): stream `Result` records out of a file as Arrow batches of text.
+"""Partner lab feeds (XML): stream record elements out of a file as Arrow batches of text.
 
 The parser is hardened (no entity expansion, no network, no DTD loading, no huge trees) and a
 document whose DOCTYPE declares entities is refused whole. Values are kept exactly as written;
 stripping and typing belong to the transform.
+
+The layout is configuration, so a new partner is a config entry: `record` is the local name of
+the record element and `fields` maps output columns to simple paths below it (`Patient/Id`,
+`Test/@code`, `Test` for its text), matched by local name in any namespace or none.
 """
 
 from __future__ import annotations
 
 import codecs
-import errno
+import logging
 import re
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import pyarrow as pa
 from lxml import etree
 
-from etl_tasks.errors import EtlError, FatalError, SourceFileError, TransientError
+from etl_tasks.errors import EtlError, FatalError, SourceFileError
+from etl_tasks.sources import files
+
+log = logging.getLogger(__name__)
 
 COLUMNS = (
     "result_id",
@@ -34,48 +42,57 @@ COLUMNS = (
     "reported_at",
     "status",
 )
-SCHEMA = pa.schema(
-    [pa.field(name, pa.string()) for name in COLUMNS]
-    + [
-        pa.field("_source_ref", pa.string(), nullable=False),
-        pa.field("_duplicate", pa.bool_(), nullable=False),
-    ]
-)
-RECORD_TAG = "{*}Result"
-"""lxml wildcard: the local name `Result` in any namespace or none."""
-
-# Errors of the OS that a later attempt may not see again (file moved under us, NFS blip).
-_TRANSIENT_ERRNOS = frozenset(
-    {
-        errno.ENOENT,
-        errno.ESTALE,
-        errno.EAGAIN,
-        errno.EBUSY,
-        errno.EIO,
-        errno.EINTR,
-        errno.ENFILE,
-        errno.EMFILE,
-        errno.ETIMEDOUT,
-    }
-)
+SCHEMA = files.text_schema(COLUMNS)
+DEFAULT_RECORD = "Result"
+DEFAULT_FIELDS: Mapping[str, str] = {
+    "result_id": "ResultId",
+    "patient_id": "Patient/Id",
+    "birth_date": "Patient/BirthDate",
+    "test_code": "Test/@code",
+    "test_system": "Test/@system",
+    "test_name": "Test",
+    "value": "Value",
+    "unit": "Unit",
+    "ref_low": "ReferenceRange/@low",
+    "ref_high": "ReferenceRange/@high",
+    "collected_at": "CollectedAt",
+    "reported_at": "ReportedAt",
+    "status": "Status",
+}
+"""The layout of DESIGN.md: output column -> path relative to the `Result` record."""
+OnTruncated = Literal["quarantine_file", "keep_complete_records"]
+_NAME = re.compile(r"[A-Za-z_][\w.\-]*\Z")
 _PROLOG_BYTES = 64 * 1024
 _DOCTYPE = re.compile(r"\s*(?:<\?.*?\?>\s*|<!--.*?-->\s*)*<!DOCTYPE\b", re.DOTALL)
-_OS_ERRNO = re.compile(r"\(os error (\d+)\)")
 
 
-def iter_batches(path: Path, *, batch_rows: int, source: str, **layout: Any) -> Iterator[pa.Table]:
-    """Yield the file's `Result` records as tables of at most `batch_rows` rows (SCHEMA).
+def iter_batches(
+    path: Path,
+    *,
+    batch_rows: int,
+    source: str,
+    record: str = DEFAULT_RECORD,
+    fields: Mapping[str, str] | None = None,
+    on_truncated: OnTruncated = "quarantine_file",
+    **layout: Any,
+) -> Iterator[pa.Table]:
+    """Yield the file's `record` elements as tables of at most `batch_rows` rows (SCHEMA).
 
-    Memory stays flat: each record is cleared from the tree once read. When the file breaks
-    off (truncated, malformed), every complete record before the break has already been
-    yielded, then SourceFileError names the line; the caller decides whether those count.
+    `fields` maps output columns to paths below the record (default DEFAULT_FIELDS); columns it
+    leaves out are null. Memory stays flat: each record is cleared from the tree once read.
+    When the XML breaks off (truncated or damaged; a parser cannot tell the two apart), the
+    complete records before the break have already been yielded; then with `on_truncated`
+    "quarantine_file" SourceFileError names the line (the caller discards what it got), with
+    "keep_complete_records" the reader stops there and logs a warning with the line. A break
+    before the first complete record is always a SourceFileError.
     """
     if batch_rows < 1:
         raise ValueError("batch_rows must be at least 1")
     if layout:
         raise FatalError(f"unknown layout options for an XML feed: {sorted(layout)}", source=source)
+    compiled = _compile_layout(record, fields, on_truncated, source)
     try:
-        yield from _read(path, batch_rows, source)
+        yield from _read(path, batch_rows, source, compiled)
     except EtlError:
         raise
     except Exception as exc:
@@ -104,34 +121,34 @@ def classify(
             where, "the XML parser rejected the file; ask the partner to resend it", source=source
         )
     if isinstance(exc, OSError):
-        return _classify_os_error(exc, where, source)
+        return files.classify_os_error(exc, where, source)
     return FatalError(
         f"{where}: unexpected {type(exc).__name__} while reading the XML feed; see the traceback",
         source=source,
     )
 
 
-def _read(path: Path, batch_rows: int, source: str) -> Iterator[pa.Table]:
+def _read(path: Path, batch_rows: int, source: str, layout: _Layout) -> Iterator[pa.Table]:
     if path.stat().st_size == 0:
         raise SourceFileError(
             str(path), "the file is empty (0 bytes); ask the partner to resend it", source=source
         )
     if _prolog_declares_entities(path):
         _refuse(path, source)
-    seen: set[str] = set()
+    keys = files.DuplicateKeys()
     columns: list[list[str | None]] = [[] for _ in COLUMNS]
     refs: list[str] = []
     duplicates: list[bool] = []
     number = 0
     checked = False
-    fields, patient = _Fields(_RESULT_SPEC), _Fields(_PATIENT_SPEC)
+    fields, record_attributes = layout.fields, layout.record_attributes
     failure: etree.XMLSyntaxError | None = None
     # Opened as bytes so that libxml2 honours the BOM and the prolog's declared encoding.
     with path.open("rb") as stream:
         events = etree.iterparse(
             stream,
             events=("end",),
-            tag=RECORD_TAG,
+            tag=layout.tag,
             resolve_entities=False,
             no_network=True,
             load_dtd=False,
@@ -147,15 +164,14 @@ def _read(path: Path, batch_rows: int, source: str) -> Iterator[pa.Table]:
                     checked = True
                 number += 1
                 values: list[str | None] = [None] * len(COLUMNS)
-                _fill(values, elem, fields, patient)
+                for name, attribute_column in record_attributes:
+                    values[attribute_column] = elem.get(name)
+                _fill(values, elem, fields)
                 _release(elem)
                 for column, value in zip(columns, values, strict=True):
                     column.append(value)
                 refs.append(f"{path.name}#record={number}")
-                key = (values[0] or "").strip()
-                duplicates.append(key in seen)
-                if key:
-                    seen.add(key)
+                duplicates.append(keys.flag(values[0]))
                 if len(refs) >= batch_rows:
                     yield _table(columns, refs, duplicates)
                     columns = [[] for _ in COLUMNS]
@@ -167,6 +183,17 @@ def _read(path: Path, batch_rows: int, source: str) -> Iterator[pa.Table]:
     if refs:
         yield _table(columns, refs, duplicates)
     if failure is not None:
+        if layout.on_truncated == "keep_complete_records" and number > 0:
+            line, at_column = _error_position(failure)
+            log.warning(
+                "%s: the XML breaks off at line %d, column %d; kept the %d complete records "
+                "before it (on_truncated=keep_complete_records)",
+                path.name,
+                line,
+                at_column,
+                number,
+            )
+            return
         raise failure
 
 
@@ -205,6 +232,15 @@ def _refuse(path: Path, source: str) -> None:
     )
 
 
+@dataclass(frozen=True)
+class _Spec:
+    """What one element below the record gives: its text, attributes, and deeper fields."""
+
+    text_columns: tuple[int, ...]
+    attributes: tuple[tuple[str, int], ...]
+    children: _Fields | None
+
+
 class _Fields:
     """Where each child element's text and attributes go, by tag, cached per namespace.
 
@@ -212,11 +248,11 @@ class _Fields:
     loop runs for every element of the file.
     """
 
-    def __init__(self, spec: Mapping[str, tuple[int, tuple[tuple[str, int], ...]]]) -> None:
+    def __init__(self, spec: Mapping[str, _Spec]) -> None:
         self._spec = spec
-        self._by_tag: dict[Any, tuple[int, tuple[tuple[str, int], ...]] | None] = {}
+        self._by_tag: dict[Any, _Spec | None] = {}
 
-    def lookup(self, tag: Any) -> tuple[int, tuple[tuple[str, int], ...]] | None:
+    def lookup(self, tag: Any) -> _Spec | None:
         try:
             return self._by_tag[tag]
         except KeyError:
@@ -226,41 +262,100 @@ class _Fields:
             return found
 
 
-_NESTED = -1
-_NO_TEXT = -2
-# Local name -> (column of its text, ((attribute, column), ...)); _NESTED descends into Patient.
-_RESULT_SPEC = {
-    "ResultId": (0, ()),
-    "Patient": (_NESTED, ()),
-    "Test": (5, (("code", 3), ("system", 4))),
-    "Value": (6, ()),
-    "Unit": (7, ()),
-    "ReferenceRange": (_NO_TEXT, (("low", 8), ("high", 9))),
-    "CollectedAt": (10, ()),
-    "ReportedAt": (11, ()),
-    "Status": (12, ()),
-}
-_PATIENT_SPEC = {"Id": (1, ()), "BirthDate": (2, ())}
+@dataclass(frozen=True)
+class _Layout:
+    tag: str
+    fields: _Fields
+    record_attributes: tuple[tuple[str, int], ...]
+    on_truncated: OnTruncated
 
 
-def _fill(values: list[str | None], elem: Any, fields: _Fields, patient: _Fields) -> None:
+class _Node:
+    """A path tree under construction: one per element name below the record."""
+
+    def __init__(self) -> None:
+        self.text_columns: list[int] = []
+        self.attributes: list[tuple[str, int]] = []
+        self.children: dict[str, _Node] = {}
+
+    def freeze(self) -> _Fields:
+        return _Fields(
+            {
+                name: _Spec(
+                    tuple(node.text_columns),
+                    tuple(node.attributes),
+                    node.freeze() if node.children else None,
+                )
+                for name, node in self.children.items()
+            }
+        )
+
+
+def _compile_layout(
+    record: str, fields: Mapping[str, str] | None, on_truncated: str, source: str
+) -> _Layout:
+    """Check the layout options and turn the field paths into a lookup tree."""
+
+    def bad(message: str) -> FatalError:
+        return FatalError(f"XML layout: {message}", source=source)
+
+    if not isinstance(record, str) or not _NAME.match(record):
+        raise bad(f"record must be an element's local name, not {record!r}")
+    if on_truncated not in get_args(OnTruncated):
+        raise bad(f"on_truncated must be one of {list(get_args(OnTruncated))}")
+    if fields is None:
+        fields = DEFAULT_FIELDS
+    if not isinstance(fields, Mapping) or not fields:
+        raise bad("fields must map output columns to paths below the record")
+    root = _Node()
+    for column, path in fields.items():
+        if column not in COLUMNS:
+            raise bad(f"fields names {column!r}, which is not an output column ({COLUMNS})")
+        if not isinstance(path, str):
+            raise bad(f"the path of {column!r} must be text like 'Patient/Id' or 'Test/@code'")
+        steps = path.split("/")
+        attribute = steps.pop()[1:] if steps[-1].startswith("@") else None
+        names = [*steps, attribute] if attribute is not None else steps
+        if not all(_NAME.match(name) for name in names):
+            raise bad(
+                f"the path of {column!r} ({path!r}) must be local names separated by '/', "
+                "optionally ending in @attribute"
+            )
+        index = COLUMNS.index(column)
+        node = root
+        for name in steps:
+            node = node.children.setdefault(name, _Node())
+        if attribute is not None:
+            node.attributes.append((attribute, index))
+        elif node is root:
+            raise bad(f"the path of {column!r} is empty")
+        else:
+            node.text_columns.append(index)
+    return _Layout(
+        tag="{*}" + record,
+        fields=root.freeze(),
+        record_attributes=tuple(root.attributes),
+        on_truncated=on_truncated,  # type: ignore[arg-type]
+    )
+
+
+def _fill(values: list[str | None], elem: Any, fields: _Fields) -> None:
     """Write the fields found among `elem`'s children into `values` (None = absent)."""
     lookup = fields.lookup
     for child in elem:
         spec = lookup(child.tag)
         if spec is None:
             continue
-        column, attributes = spec
-        if column == _NESTED:
-            _fill(values, child, patient, patient)
-            continue
         # Of two elements with the same name the first wins, as with find().
-        if column != _NO_TEXT and values[column] is None:
-            # Present but empty is "", not None; mixed content keeps all its text.
-            values[column] = "".join(child.itertext()) if len(child) else child.text or ""
-        for name, attribute_column in attributes:
+        for column in spec.text_columns:
+            if values[column] is None:
+                # Present but empty is "", not None; mixed content keeps all its text.
+                values[column] = "".join(child.itertext()) if len(child) else child.text or ""
+        for name, attribute_column in spec.attributes:
             if values[attribute_column] is None:
                 values[attribute_column] = child.get(name)
+        if spec.children is not None:
+            _fill(values, child, spec.children)
 
 
 def _release(elem: Any) -> None:
@@ -274,8 +369,7 @@ def _release(elem: Any) -> None:
 
 def _table(columns: list[list[str | None]], refs: list[str], duplicates: list[bool]) -> pa.Table:
     arrays = [pa.array(values, pa.string()) for values in columns]
-    arrays += [pa.array(refs, pa.string()), pa.array(duplicates, pa.bool_())]
-    return pa.Table.from_arrays(arrays, schema=SCHEMA)
+    return files.batch_table(SCHEMA, arrays, refs, duplicates)
 
 
 def _error_position(exc: Any) -> tuple[int, int]:
@@ -288,26 +382,3 @@ def _error_position(exc: Any) -> tuple[int, int]:
         if entry.line > 0:
             return int(entry.line), int(entry.column)
     return 0, 0
-
-
-def _classify_os_error(exc: OSError, where: str, source: str | None) -> EtlError:
-    number = exc.errno
-    if number is None and (match := _OS_ERRNO.search(str(exc))):
-        number = int(match.group(1))  # Rust-backed readers put the errno in the message only
-    if number in _TRANSIENT_ERRNOS:
-        return TransientError(
-            f"{where}: the file vanished or could not be read just now "
-            f"({errno.errorcode.get(number or 0, 'OS error')}); a retry may succeed",
-            source=source,
-        )
-    if number in (errno.EACCES, errno.EPERM):
-        return SourceFileError(
-            where, "permission denied; fix the file's permissions and re-run", source=source
-        )
-    if number == errno.EISDIR:
-        return SourceFileError(
-            where, "is a directory, not a file; move it out of the inbox", source=source
-        )
-    return FatalError(
-        f"{where}: cannot be read ({type(exc).__name__}); see the traceback", source=source
-    )

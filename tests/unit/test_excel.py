@@ -12,6 +12,7 @@ from typing import Any
 import openpyxl
 import pyarrow as pa
 import pytest
+import python_calamine
 
 from etl_tasks.errors import FatalError, SourceFileError, TransientError
 from etl_tasks.sources import excel
@@ -267,3 +268,195 @@ def test_unknown_layout_option_is_fatal(tmp_path):
     """A misspelt layout option is a configuration error, not silently ignored."""
     with pytest.raises(FatalError, match="unknown layout"):
         next(excel.iter_batches(tmp_path / "a.xlsx", batch_rows=10, source="reg", shet="x"))
+
+
+def write_csv(path: Path, rows: Sequence[Sequence[object]]) -> Path:
+    """Write `rows` as a UTF-8 CSV file."""
+    path.write_text("\n".join(",".join(str(cell) for cell in row) for row in rows) + "\n")
+    return path
+
+
+def test_openpyxl_reads_when_calamine_fails(tmp_path, monkeypatch, caplog):
+    """When calamine cannot open the workbook, openpyxl reads it, and both attempts are logged."""
+
+    def broken(path: Path) -> excel.Workbook:
+        raise python_calamine.CalamineError("engine message quoting A1")
+
+    monkeypatch.setattr(excel, "_open_calamine", broken)
+    path = workbook(tmp_path / "reg.xlsx", {"S": [["Export"], [], HEADER, person("A1"),
+                                                   person("A2", zip=2134)]})  # fmt: skip
+    caplog.set_level("INFO", logger=excel.__name__)
+    table = read_all(path)
+    assert table["mrn"].to_pylist() == ["A1", "A2"]
+    assert table["zip"].to_pylist() == ["02134", "2134"]
+    assert table["_source_ref"].to_pylist() == ["reg.xlsx!S:row=4", "reg.xlsx!S:row=5"]
+    messages = [record.getMessage() for record in caplog.records]
+    assert messages == [
+        "reg.xlsx: strategy python-calamine failed: the file cannot be read as a .xlsx, .xls "
+        "or .ods workbook",
+        "reg.xlsx: strategy openpyxl succeeded; reading reg.xlsx!S",
+    ]
+    assert not any("A1" in message for message in messages)
+
+
+def test_csv_sidecar_is_read_when_the_workbook_has_no_header(tmp_path, caplog):
+    """A workbook without the header falls back to `reg.csv` beside it, rows numbered as CSV."""
+    path = workbook(tmp_path / "reg.xlsx", {"S": [["nothing here"]]})
+    write_csv(tmp_path / "reg.csv", [["Clinic export"], HEADER, person("A1"), [], person("A1")])
+    caplog.set_level("INFO", logger=excel.__name__)
+    table = read_all(path)
+    assert table["mrn"].to_pylist() == ["A1", "A1"]
+    assert table["_duplicate"].to_pylist() == [False, True]
+    assert table["_source_ref"].to_pylist() == ["reg.csv:row=3", "reg.csv:row=5"]
+    outcomes = [record.getMessage().split(": ", 2)[1] for record in caplog.records]
+    assert outcomes == ["strategy python-calamine failed", "strategy openpyxl failed",
+                        "strategy csv sidecar succeeded; reading reg.csv"]  # fmt: skip
+
+
+def test_last_good_copy_is_read_when_everything_else_fails(tmp_path):
+    """A truncated upload without sidecar is replaced by its copy in last_good_dir."""
+    good = tmp_path / "good"
+    good.mkdir()
+    whole = workbook(good / "reg.xlsx", {"S": [HEADER, person("A1"), person("A2")]})
+    path = tmp_path / "reg.xlsx"
+    path.write_bytes(whole.read_bytes()[:200])
+    table = read_all(path, last_good_dir=good)
+    assert table["mrn"].to_pylist() == ["A1", "A2"]
+    assert table["_source_ref"].to_pylist() == ["last-good/reg.xlsx!S:row=2",
+                                                "last-good/reg.xlsx!S:row=3"]  # fmt: skip
+
+
+def test_all_strategies_failing_lists_each_reason(tmp_path, caplog):
+    """The reason names every strategy and why it failed; the last one is logged as a warning."""
+    good = tmp_path / "good"
+    good.mkdir()
+    path = workbook(tmp_path / "reg.xlsx", {"S": [["no header"]]})
+    write_csv(tmp_path / "reg.csv", [["still no header"]])
+    with pytest.raises(SourceFileError) as caught:
+        read_all(path, last_good_dir=good)
+    assert caught.value.reason == (
+        "no strategy could read the upload (python-calamine, openpyxl, csv sidecar: no sheet has "
+        f"the expected header row (MRN, Date of Birth, ...) within its first "
+        f"{excel.HEADER_SEARCH_ROWS} rows; fix the header names or name the sheet to read; "
+        "last good copy: no copy of reg.xlsx in last_good_dir); ask the sender to export it "
+        "again from the spreadsheet program"
+    )
+    assert [(r.levelname, r.getMessage()) for r in caplog.records if r.levelname == "WARNING"] == [
+        ("WARNING", "reg.xlsx: every strategy failed")
+    ]
+    without_dir = tmp_path / "other.ods"
+    without_dir.write_bytes(b"")
+    with pytest.raises(SourceFileError) as caught:
+        read_all(without_dir)
+    assert caught.value.reason == (
+        "no strategy could read the upload (python-calamine: the file is empty (0 bytes); "
+        "openpyxl: openpyxl reads only .xlsx and .xlsm; csv sidecar: no other.csv beside the "
+        "file; last good copy: no last_good_dir configured); ask the sender to export it again "
+        "from the spreadsheet program"
+    )
+
+
+def zip_with(path: Path, members: Mapping[str, bytes], *, stored: bool = False) -> Path:
+    """A zip archive holding `members`, deflated unless `stored`."""
+    method = zipfile.ZIP_STORED if stored else zipfile.ZIP_DEFLATED
+    with zipfile.ZipFile(path, "w", compression=method) as archive:
+        for name, data in members.items():
+            archive.writestr(name, data)
+    return path
+
+
+def test_declared_size_over_the_limit_is_refused_before_parsing(tmp_path, monkeypatch):
+    """A workbook declaring more than max_uncompressed_bytes is refused; no engine is run."""
+
+    def never(path: Path) -> excel.Workbook:
+        raise AssertionError("an engine parsed a refused file")
+
+    monkeypatch.setattr(excel, "_open_calamine", never)
+    monkeypatch.setattr(excel, "_open_openpyxl", never)
+    path = zip_with(tmp_path / "big.xlsx", {"a.bin": bytes(2_000_000), "b.bin": bytes(1_500_000)},
+                    stored=True)  # fmt: skip
+    write_csv(tmp_path / "big.csv", [HEADER, person("A1")])  # a refusal is final
+    with pytest.raises(SourceFileError) as caught:
+        read_all(path, max_uncompressed_bytes=3_000_000)
+    assert caught.value.reason == (
+        "refused: the workbook would decompress to 3.5 MB (limit 3.0 MB); a zip bomb or an "
+        "export gone wrong"
+    )
+
+
+def test_high_compression_ratio_is_refused(tmp_path):
+    """A member over 1 MB compressed more than 100:1 is refused at the default size limit."""
+    path = zip_with(tmp_path / "bomb.ods", {"content.xml": bytes(50_000_000)})
+    with pytest.raises(SourceFileError, match=r"^.*refused: a part of the workbook would "
+                       r"decompress [\d,]+:1 \(50 MB; limit 100:1"):  # fmt: skip
+        read_all(path)
+
+
+def test_declared_sizes_that_lie_are_caught_by_inflating(tmp_path):
+    """A member whose recorded size is smaller than its content fails the streamed check."""
+    path = zip_with(tmp_path / "liar.xlsx", {"xl/workbook.xml": b"<a>" + b"x" * 5000 + b"</a>"})
+    data = bytearray(path.read_bytes())
+    real = (5007).to_bytes(4, "little")
+    fake = (10).to_bytes(4, "little")
+    assert data.count(real) == 2  # local header and central directory
+    path.write_bytes(bytes(data).replace(real, fake))
+    with pytest.raises(SourceFileError, match="does not match its recorded size or checksum"):
+        read_all(path)
+
+
+def test_encrypted_workbook_has_its_own_reason(tmp_path):
+    """An OLE container holding an EncryptedPackage under a .xlsx name is an encrypted workbook."""
+    path = tmp_path / "secret.xlsx"
+    path.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(600)
+                     + "EncryptedPackage".encode("utf-16-le") + bytes(400))  # fmt: skip
+    with pytest.raises(SourceFileError, match="the workbook is encrypted with a password"):
+        read_all(path)
+
+
+def test_macro_enabled_workbook_is_refused_unless_allowed(tmp_path):
+    """An .xlsm is refused by default and read (macros never run) with allow_macros."""
+    path = workbook(tmp_path / "reg.xlsm", {"S": [HEADER, person("A1")]})
+    with pytest.raises(SourceFileError) as caught:
+        read_all(path)
+    expected = "macro-enabled workbook refused (set allow_macros to read its data; macros are "
+    assert caught.value.reason == excel.MACROS_REFUSED == expected + "never run)"
+    assert read_all(path, allow_macros=True)["_source_ref"].to_pylist() == ["reg.xlsm!S:row=2"]
+
+
+def test_vba_project_inside_an_xlsx_is_refused(tmp_path):
+    """Macros hidden in a workbook named .xlsx are refused as well."""
+    whole = workbook(tmp_path / "whole.xlsx", {"S": [HEADER, person("A1")]})
+    path = tmp_path / "hidden.xlsx"
+    with zipfile.ZipFile(whole) as source, zipfile.ZipFile(path, "w") as target:
+        for info in source.infolist():
+            target.writestr(info, source.read(info))
+        target.writestr("xl/vbaProject.bin", b"\x00" * 64)
+    with pytest.raises(SourceFileError, match="macro-enabled workbook refused"):
+        read_all(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "reason"),
+    [
+        (b"", "python-calamine, openpyxl: the file is empty (0 bytes)"),
+        (b"MRN,Date of Birth\nA1,1961-04-02\n", "python-calamine, openpyxl: the content is not a "
+         ".xlsx workbook but plain text (a CSV or report renamed?)"),
+        (b"PK\x03\x04" + bytes(300), "python-calamine, openpyxl: the workbook is not a readable "
+         "zip archive (truncated or damaged)"),
+    ],
+    ids=["empty", "renamed-csv", "truncated-zip"],
+)  # fmt: skip
+def test_broken_uploads_each_have_their_own_reason(tmp_path, content, reason):
+    """Empty, renamed-CSV and truncated uploads name their own problem for both engines."""
+    path = tmp_path / "upload.xlsx"
+    path.write_bytes(content)
+    with pytest.raises(SourceFileError) as caught:
+        read_all(path)
+    assert caught.value.reason.startswith(f"no strategy could read the upload ({reason}; ")
+
+
+def test_bad_limit_option_is_fatal(tmp_path):
+    """A zero or non-integer max_uncompressed_bytes is a configuration error."""
+    for bad in (0, "500MB", True):
+        with pytest.raises(FatalError, match="max_uncompressed_bytes"):
+            read_all(tmp_path / "a.xlsx", max_uncompressed_bytes=bad)

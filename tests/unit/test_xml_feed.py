@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import itertools
+import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -253,3 +255,155 @@ def test_unknown_layout_option_is_fatal(tmp_path):
     """A misspelt layout option is a configuration error, not silently ignored."""
     with pytest.raises(FatalError, match="unknown layout"):
         next(xml_feed.iter_batches(tmp_path / "a.xml", batch_rows=10, source="lab", sheet="x"))
+
+
+@pytest.fixture
+def listener() -> Iterator[socket.socket]:
+    """A listening local socket; a test asserts that nothing connected to it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(8)
+        sock.setblocking(False)
+        yield sock
+
+
+def assert_no_connection(sock: socket.socket) -> None:
+    """Nothing is waiting in the listener's backlog."""
+    with pytest.raises(BlockingIOError):
+        sock.accept()
+
+
+def test_external_entity_pointing_at_a_url_is_refused_offline(tmp_path, listener):
+    """An external entity with an http URL is refused and no connection reaches the URL's port."""
+    port = listener.getsockname()[1]
+    document = (
+        f'<?xml version="1.0"?>\n<!DOCTYPE LabResults [<!ENTITY x SYSTEM '
+        f'"http://127.0.0.1:{port}/secret">]>\n' + feed(record("&x;")).split("\n", 1)[1]
+    )
+    with pytest.raises(SourceFileError) as caught:
+        read_all(write(tmp_path, document))
+    assert "declares entities (possible entity-expansion or external-entity attack)" in (
+        caught.value.reason
+    )
+    assert_no_connection(listener)
+
+
+def test_external_entities_beyond_the_prescan_are_refused_offline(tmp_path, listener):
+    """File and URL entities hidden after a long internal subset are refused, nothing fetched."""
+    port = listener.getsockname()[1]
+    padding = "<!-- " + "x" * 100_000 + " -->"
+    document = (
+        f'<?xml version="1.0"?>\n<!DOCTYPE LabResults [{padding}'
+        f'<!ENTITY f SYSTEM "file:///etc/passwd"><!ENTITY u SYSTEM "http://127.0.0.1:{port}/">]>\n'
+        + feed(record("&f;") + record("&u;")).split("\n", 1)[1]
+    )
+    with pytest.raises(SourceFileError, match="declares entities"):
+        read_all(write(tmp_path, document))
+    assert_no_connection(listener)
+
+
+def test_external_dtd_url_is_never_fetched(tmp_path, listener):
+    """A DOCTYPE naming a DTD at a URL is read offline: no connection arrives at that port."""
+    port = listener.getsockname()[1]
+    document = feed(record("R-1")).replace(
+        "?>\n", f'?>\n<!DOCTYPE LabResults SYSTEM "http://127.0.0.1:{port}/lab.dtd">\n', 1
+    )
+    assert read_all(write(tmp_path, document))["result_id"].to_pylist() == ["R-1"]
+    assert_no_connection(listener)
+
+
+OTHER_PARTNER_FIELDS = {
+    "result_id": "@id", "patient_id": "Subject/MRN", "birth_date": "Subject/DOB",
+    "test_code": "Analyte/Code", "test_system": "Analyte/Code/@scheme", "test_name": "Analyte/Name",
+    "value": "Outcome/Amount", "unit": "Outcome/Amount/@units", "ref_low": "Range/@from",
+    "ref_high": "Range/@to", "collected_at": "Times/Drawn", "reported_at": "Times/Released",
+    "status": "@state",
+}  # fmt: skip
+
+
+def test_second_partner_layout_gives_the_same_columns(tmp_path):
+    """Another partner's element names, mapped by config, yield the same row as DESIGN.md's."""
+    document = (
+        '<?xml version="1.0" encoding="UTF-8"?>\n'
+        '<lab:Batch xmlns:lab="urn:partner:two"><lab:Observation id="R-000001" state="final">'
+        "<lab:Subject><lab:MRN>P000123</lab:MRN><lab:DOB>1961-04-02</lab:DOB></lab:Subject>"
+        '<lab:Analyte><lab:Code scheme="LOINC">2345-7</lab:Code><lab:Name>Glucose</lab:Name>'
+        '</lab:Analyte><lab:Outcome><lab:Amount units="mmol/L">5.4</lab:Amount></lab:Outcome>'
+        '<lab:Range from="3.9" to="5.5"/><lab:Times><lab:Drawn>2026-11-19T08:15:00Z</lab:Drawn>'
+        "<lab:Released>2026-11-19T12:02:00Z</lab:Released></lab:Times></lab:Observation>"
+        '<lab:Observation id="R-000001"/></lab:Batch>\n'
+    )
+    two = xml_feed.iter_batches(write(tmp_path, document, "two.xml"), batch_rows=10, source="two",
+                                record="Observation", fields=OTHER_PARTNER_FIELDS)  # fmt: skip
+    [table] = list(two)
+    design = read_all(write(tmp_path, feed(DESIGN_RECORD)))
+    first, second = table.to_pylist()
+    assert table.schema == xml_feed.SCHEMA
+    assert {**first, "_source_ref": None} == {**design.to_pylist()[0], "_source_ref": None}
+    assert first["_source_ref"] == "two.xml#record=1"
+    assert second == {**dict.fromkeys(xml_feed.COLUMNS), "result_id": "R-000001",
+                      "_source_ref": "two.xml#record=2", "_duplicate": True}  # fmt: skip
+
+
+def test_fields_left_out_of_a_layout_are_null(tmp_path):
+    """A layout mapping only some columns leaves the others null."""
+    path = write(tmp_path, feed(DESIGN_RECORD))
+    batches = xml_feed.iter_batches(path, batch_rows=10, source="lab",
+                                    fields={"result_id": "ResultId", "unit": "Unit"})  # fmt: skip
+    [row] = pa.concat_tables(batches).to_pylist()
+    assert (row["result_id"], row["unit"], row["patient_id"]) == ("R-000001", "mmol/L", None)
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"record": "a/b"}, "record must be an element's local name"),
+        ({"fields": {"mrn": "Id"}}, "'mrn', which is not an output column"),
+        ({"fields": {"unit": "Unit//x"}}, "must be local names separated by '/'"),
+        ({"fields": {"unit": "lab:Unit"}}, "must be local names separated by '/'"),
+        ({"fields": {}}, "fields must map output columns"),
+        ({"on_truncated": "skip"}, "on_truncated must be one of"),
+    ],
+)
+def test_bad_layouts_are_configuration_errors(tmp_path, options, message):
+    """A malformed layout option is a FatalError naming the problem."""
+    with pytest.raises(FatalError, match=message):
+        next(xml_feed.iter_batches(tmp_path / "a.xml", batch_rows=10, source="lab", **options))
+
+
+def test_truncated_file_keeps_complete_records_when_configured(tmp_path, caplog):
+    """With keep_complete_records the records before the cut are yielded, with a warning."""
+    document = feed("".join(record(f"R-{n}") for n in range(1, 7)))
+    cut = document[: document.index("<Value>", document.index("R-6"))]
+    batches = xml_feed.iter_batches(write(tmp_path, cut), batch_rows=2, source="lab",
+                                    on_truncated="keep_complete_records")  # fmt: skip
+    tables = list(batches)
+    assert [table.num_rows for table in tables] == [2, 2, 1]
+    assert pa.concat_tables(tables)["result_id"].to_pylist() == [f"R-{n}" for n in range(1, 6)]
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.getMessage().startswith(
+        f"feed.xml: the XML breaks off at line {cut.count(chr(10)) + 1}, column "
+    )
+    assert warning.getMessage().endswith(
+        "; kept the 5 complete records before it (on_truncated=keep_complete_records)"
+    )
+    assert "R-" not in warning.getMessage()
+
+
+def test_truncated_file_is_quarantined_by_default(tmp_path):
+    """The default policy raises SourceFileError with the line, after the complete records."""
+    document = feed("".join(record(f"R-{n}") for n in range(1, 4)))
+    cut = document[: document.index("</Result>", document.index("R-3"))]
+    batches = xml_feed.iter_batches(write(tmp_path, cut), batch_rows=10, source="lab")
+    assert next(batches)["result_id"].to_pylist() == ["R-1", "R-2"]  # the caller discards these
+    with pytest.raises(SourceFileError) as caught:
+        next(batches)
+    assert f"not well-formed at line {cut.count(chr(10)) + 1}, column" in caught.value.reason
+
+
+def test_keep_complete_records_still_refuses_a_file_with_none(tmp_path):
+    """A file cut before its first complete record is quarantined whatever the policy."""
+    cut = feed(record("R-1"))[:120]
+    with pytest.raises(SourceFileError, match="not well-formed at line"):
+        list(xml_feed.iter_batches(write(tmp_path, cut), batch_rows=10, source="lab",
+                                   on_truncated="keep_complete_records"))  # fmt: skip
