@@ -10,7 +10,7 @@ import tomllib
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -84,6 +84,11 @@ class SourceConfig(BaseModel):
     """Firebird only: each run re-reads rows updated this long before the last mark."""
     settle_s: float = Field(default=5.0, ge=0)
     """Files only: a file modified more recently than this is still being written."""
+    layout: dict[str, Any] = Field(default_factory=dict)
+    """Files only: reader options. xml: record, fields (column -> path such as
+    "Patient/Id" or "Test/@code"), on_truncated ("quarantine_file" or
+    "keep_complete_records"). excel: sheet, allow_macros, max_uncompressed_bytes,
+    last_good_dir (default: the inbox's processed/ folder)."""
 
     @field_validator("target_table", "key_column", "updated_column")
     @classmethod

@@ -141,9 +141,13 @@ def extract_unit(res: Resources, run_id: str, unit_id: str, dispatch_chunk: Disp
     else:
         reader = xml_feed if src.kind == "xml" else excel
         path = Path(unit.path)
+        layout = dict(src.layout)
+        if src.kind == "excel":
+            # The last good copy of an upload is the same name in processed/.
+            layout.setdefault("last_good_dir", path.parent / "processed")
         try:
-            for index, batch in enumerate(
-                    reader.iter_batches(path, batch_rows=src.chunk_size, source=src.name)):
+            for index, batch in enumerate(reader.iter_batches(
+                    path, batch_rows=src.chunk_size, source=src.name, **layout)):
                 chunk_id = f"{unit_id}:{index}"
                 staging.put(r, chunk_id, "raw", batch, ttl)
                 chunks[chunk_id] = batch.num_rows
