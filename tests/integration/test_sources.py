@@ -160,3 +160,20 @@ def test_since_and_full_reread_without_duplicates(env):
     assert env.query("SELECT count(*) FROM billing_claims") == [(count_before,)]
     assert env.query("SELECT count(*) FROM etl_quarantine WHERE source = 'billing'") == [
         (q_before,)]
+
+
+def test_a_full_firebird_pool_is_a_transient_error_not_a_crash(env):
+    """When every pooled connection is busy past the wait timeout, the caller gets a
+    TransientError (which tasks retry with backoff) instead of waiting forever or crashing."""
+    from etl_tasks.errors import TransientError
+    from etl_tasks.sources.firebird import ConnectionPool
+
+    pool = ConnectionPool(get_resources().firebird_target, size=1, timeout=0.2)
+    try:
+        with pool.connection():
+            with pytest.raises(TransientError, match="pool exhausted"), pool.connection():
+                pass
+        with pool.connection() as con:  # released: usable again
+            assert con is not None
+    finally:
+        pool.close()
