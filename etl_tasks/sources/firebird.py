@@ -150,7 +150,8 @@ class ConnectionPool:
             except queue.Empty:
                 con = connect(self.target)
             yield con
-            con.commit()  # end the read transaction so the next use sees new rows
+            if con.main_transaction.is_active():
+                con.commit()  # end the read transaction so the next use sees new rows
             self._idle.put(con)
         except BaseException:
             if con is not None:

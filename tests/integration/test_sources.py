@@ -170,9 +170,9 @@ def test_a_full_firebird_pool_is_a_transient_error_not_a_crash(env):
 
     pool = ConnectionPool(get_resources().firebird_target, size=1, timeout=0.2)
     try:
-        with pool.connection():
-            with pytest.raises(TransientError, match="pool exhausted"), pool.connection():
-                pass
+        with pool.connection(), pytest.raises(TransientError, match="pool exhausted"), \
+                pool.connection():
+            pass
         with pool.connection() as con:  # released: usable again
             assert con is not None
     finally:
