@@ -49,6 +49,8 @@ _DDL = [
         started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, extracted BIGINT, loaded BIGINT,
         quarantined BIGINT, skipped BIGINT, duration_s DOUBLE, quality_score DOUBLE,
         error VARCHAR)""",
+    # Stores made before the column existed (0.1.0 development builds).
+    "ALTER TABLE etl_load_ledger ADD COLUMN IF NOT EXISTS rows_unchanged BIGINT DEFAULT 0",
 ]
 
 
@@ -112,7 +114,9 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
         loaded = int(inserted[0]) if inserted else 0
         held_count = int(held[0]) if held else 0
         unchanged = valid.num_rows - loaded + quarantined.num_rows - held_count
-        con.execute("INSERT INTO etl_load_ledger VALUES (?, ?, ?, ?, ?, ?, ?, now())",
+        con.execute("INSERT INTO etl_load_ledger (chunk_id, run_id, source, target_table, "
+                    "rows_loaded, rows_quarantined, rows_unchanged, loaded_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, now())",
                     [chunk_id, run_id, source, table, loaded, held_count, unchanged])
         con.commit()
     except Exception as exc:
