@@ -108,14 +108,13 @@ def make_demo_data(demo_dir: Path, target: FirebirdTarget, *, claims: int,
     make_billing_db(target, claims)
     manifest: dict[str, Any] = {
         "billing": {"rows": claims, "defects": expected_claim_defects(1, claims)}}
-    for name, writer, files, rows in (
-            ("lab_feeds", write_lab_feeds, lab_files, lab_records),
-            ("registrations", write_registrations, reg_files, reg_rows)):
+    for name in ("lab_feeds", "registrations"):
         inbox = demo_dir / name
         shutil.rmtree(inbox, ignore_errors=True)
         inbox.mkdir(parents=True)
-        written = writer(inbox, files=files, **{"records_per_file" if name == "lab_feeds"
-                                                 else "rows_per_file": rows})
+        written = (write_lab_feeds(inbox, files=lab_files, records_per_file=lab_records)
+                   if name == "lab_feeds" else
+                   write_registrations(inbox, files=reg_files, rows_per_file=reg_rows))
         manifest[name] = [asdict(m) for m in written]
         # The files were written whole (temporary name, then rename): date them past any
         # inbox settle time so that a run right after generation takes them.

@@ -151,20 +151,15 @@ def extract_unit(res: Resources, run_id: str, unit_id: str, dispatch_chunk: Disp
                 chunk_id = f"{unit_id}:{index}"
                 staging.put(r, chunk_id, "raw", batch, ttl)
                 chunks[chunk_id] = batch.num_rows
-        except SourceFileError as exc:
+        except (SourceFileError, FileNotFoundError) as exc:
             # The file is refused whole: nothing of it is loaded, the reason is kept.
+            reason = (exc.reason if isinstance(exc, SourceFileError)
+                      else "the file disappeared before it was read; upload it again")
             for chunk_id in chunks:
                 staging.drop(r, chunk_id)
-            runs.reject_file(r, run_id, unit_id, path.name, exc.reason)
-            log.warning("run %s: file %s quarantined: %s", run_id, path.name, exc.reason)
+            runs.reject_file(r, run_id, unit_id, path.name, reason)
+            log.warning("run %s: file %s quarantined: %s", run_id, path.name, reason)
             dispatch_finalize(run_id)  # no load will follow; the loader checks completeness
-            return 0
-        except FileNotFoundError:
-            for chunk_id in chunks:
-                staging.drop(r, chunk_id)
-            runs.reject_file(r, run_id, unit_id, path.name,
-                             "the file disappeared before it was read; upload it again")
-            dispatch_finalize(run_id)
             return 0
     # Register before dispatching, so the loader never sees a run as complete too early.
     runs.register_chunks(r, run_id, unit_id, chunks)
@@ -224,7 +219,9 @@ def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) ->
     skipped += int(data.get("plan_skipped", 0))
     started = float(data.get("started_at") or data.get("created_at") or time.time())
     finished = time.time()
-    files = _file_results(r, run_id, chunk_rows, ledger)
+    file_units = [u for u in runs.units(r, run_id) if u.kind == "file"]
+    refused = runs.rejected(r, run_id)
+    files = _file_results(file_units, refused, ledger)
     summary = runs.Summary(
         source=src.name, run_id=run_id, status="finished", extracted=sum(chunk_rows.values()),
         loaded=loaded, quarantined=quarantined, skipped=skipped,
@@ -233,10 +230,7 @@ def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) ->
         files=files)
     store.record_run(con, summary.public(), started, finished)
     move = not runs.options(r, run_id).path  # files given with --path are left in place
-    refused = runs.rejected(r, run_id)
-    for unit in runs.units(r, run_id):
-        if unit.kind != "file":
-            continue
+    for unit in file_units:
         if unit.unit_id in refused:
             if move:
                 inbox.move_quarantined(Path(unit.path), unit.sha256,
@@ -256,13 +250,10 @@ def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) ->
     return summary
 
 
-def _file_results(r: Any, run_id: str, chunk_rows: dict[str, int],
+def _file_results(file_units: list[runs.Unit], rejected: dict[str, dict[str, str]],
                   ledger: dict[str, Any]) -> list[dict[str, Any]]:
     results = []
-    rejected = runs.rejected(r, run_id)
-    for unit in runs.units(r, run_id):
-        if unit.kind != "file":
-            continue
+    for unit in file_units:
         if unit.unit_id in rejected:
             results.append({"unit_id": unit.unit_id, "name": rejected[unit.unit_id]["name"],
                             "status": "quarantined", "rows_loaded": 0, "rows_quarantined": 0,

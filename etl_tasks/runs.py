@@ -91,18 +91,16 @@ def key(run_id: str, part: str = "") -> str:
     return f"etl:run:{run_id}" + (f":{part}" if part else "")
 
 
-_k = key
-
 
 def create(r: redis.Redis, run_id: str, source: str,
            options: RunOptions | None = None) -> None:
     now = time.time()
     with r.pipeline() as p:
-        p.hsetnx(_k(run_id), "source", source)
-        p.hsetnx(_k(run_id), "options", (options or RunOptions()).to_json())
-        p.hsetnx(_k(run_id), "status", "queued")
-        p.hsetnx(_k(run_id), "created_at", now)
-        p.expire(_k(run_id), _KEEP_S)
+        p.hsetnx(key(run_id), "source", source)
+        p.hsetnx(key(run_id), "options", (options or RunOptions()).to_json())
+        p.hsetnx(key(run_id), "status", "queued")
+        p.hsetnx(key(run_id), "created_at", now)
+        p.expire(key(run_id), _KEEP_S)
         p.lpush(f"etl:runs:{source}", run_id)
         p.ltrim(f"etl:runs:{source}", 0, 199)
         p.execute()
@@ -117,29 +115,29 @@ def _hash(r: redis.Redis, key: str) -> dict[str, str]:
 
 
 def info(r: redis.Redis, run_id: str) -> dict[str, str]:
-    return _hash(r, _k(run_id))
+    return _hash(r, key(run_id))
 
 
 def options(r: redis.Redis, run_id: str) -> RunOptions:
-    text = r.hget(_k(run_id), "options")
+    text = r.hget(key(run_id), "options")
     return RunOptions.from_json(_text(text)) if text else RunOptions()
 
 
 def start(r: redis.Redis, run_id: str, units: list[Unit], skipped: int) -> None:
     """Record the plan: the ordered units and the rows skipped as already loaded."""
     with r.pipeline() as p:
-        p.delete(_k(run_id, "units"))
+        p.delete(key(run_id, "units"))
         if units:
-            p.rpush(_k(run_id, "units"), *(u.to_json() for u in units))
-        p.hset(_k(run_id), mapping={"status": "running", "units_total": len(units),
+            p.rpush(key(run_id, "units"), *(u.to_json() for u in units))
+        p.hset(key(run_id), mapping={"status": "running", "units_total": len(units),
                                     "plan_skipped": skipped, "started_at": time.time()})
         for part in ("units", "split", "chunks", "done", "rejected"):
-            p.expire(_k(run_id, part), _KEEP_S)
+            p.expire(key(run_id, part), _KEEP_S)
         p.execute()
 
 
 def units(r: redis.Redis, run_id: str) -> list[Unit]:
-    return [Unit.from_json(u) for u in r.lrange(_k(run_id, "units"), 0, -1)]
+    return [Unit.from_json(u) for u in r.lrange(key(run_id, "units"), 0, -1)]
 
 
 def unit(r: redis.Redis, run_id: str, unit_id: str) -> Unit:
@@ -153,46 +151,46 @@ def register_chunks(r: redis.Redis, run_id: str, unit_id: str, rows: dict[str, i
     """A unit was extracted into these chunks (chunk id -> rows); mark the unit split."""
     with r.pipeline() as p:
         if rows:
-            p.hset(_k(run_id, "chunks"), mapping=dict(rows))  # type: ignore[arg-type]
-        p.sadd(_k(run_id, "split"), unit_id)
+            p.hset(key(run_id, "chunks"), mapping=dict(rows))  # type: ignore[arg-type]
+        p.sadd(key(run_id, "split"), unit_id)
         for part in ("chunks", "split"):
-            p.expire(_k(run_id, part), _KEEP_S)
+            p.expire(key(run_id, part), _KEEP_S)
         p.execute()
 
 
 def reject_file(r: redis.Redis, run_id: str, unit_id: str, name: str, reason: str) -> None:
     """A whole file was refused: the unit is split into no chunks, with its reason."""
-    r.hset(_k(run_id, "rejected"), unit_id, json.dumps({"name": name, "reason": reason}))
+    r.hset(key(run_id, "rejected"), unit_id, json.dumps({"name": name, "reason": reason}))
     register_chunks(r, run_id, unit_id, {})
 
 
 def rejected(r: redis.Redis, run_id: str) -> dict[str, dict[str, str]]:
-    return {k: json.loads(v) for k, v in _hash(r, _k(run_id, "rejected")).items()}
+    return {k: json.loads(v) for k, v in _hash(r, key(run_id, "rejected")).items()}
 
 
 def chunk_rows(r: redis.Redis, run_id: str) -> dict[str, int]:
-    return {k: int(v) for k, v in _hash(r, _k(run_id, "chunks")).items()}
+    return {k: int(v) for k, v in _hash(r, key(run_id, "chunks")).items()}
 
 
 def mark_done(r: redis.Redis, run_id: str, chunk_id: str, loaded: int, quarantined: int) -> None:
     """A chunk is committed (or was already); counters feed progress displays only."""
     with r.pipeline() as p:
-        p.sadd(_k(run_id, "done"), chunk_id)
-        p.expire(_k(run_id, "done"), _KEEP_S)
-        p.hincrby(_k(run_id), "progress_loaded", loaded)
-        p.hincrby(_k(run_id), "progress_quarantined", quarantined)
+        p.sadd(key(run_id, "done"), chunk_id)
+        p.expire(key(run_id, "done"), _KEEP_S)
+        p.hincrby(key(run_id), "progress_loaded", loaded)
+        p.hincrby(key(run_id), "progress_quarantined", quarantined)
         p.execute()
 
 
 def done_chunks(r: redis.Redis, run_id: str) -> set[str]:
-    return {_text(c) for c in r.smembers(_k(run_id, "done"))}
+    return {_text(c) for c in r.smembers(key(run_id, "done"))}
 
 
 def is_complete(r: redis.Redis, run_id: str) -> bool:
     data = info(r, run_id)
     if data.get("status") != "running":
         return False
-    if r.scard(_k(run_id, "split")) < int(data.get("units_total", "0")):
+    if r.scard(key(run_id, "split")) < int(data.get("units_total", "0")):
         return False
     return set(chunk_rows(r, run_id)) <= done_chunks(r, run_id)
 
@@ -201,16 +199,16 @@ def progress(r: redis.Redis, run_id: str) -> dict[str, int]:
     data = info(r, run_id)
     return {
         "units_total": int(data.get("units_total", 0)),
-        "units_split": int(r.scard(_k(run_id, "split"))),
-        "chunks_total": int(r.hlen(_k(run_id, "chunks"))),
-        "chunks_done": int(r.scard(_k(run_id, "done"))),
+        "units_split": int(r.scard(key(run_id, "split"))),
+        "chunks_total": int(r.hlen(key(run_id, "chunks"))),
+        "chunks_done": int(r.scard(key(run_id, "done"))),
         "loaded": int(data.get("progress_loaded", 0)),
         "quarantined": int(data.get("progress_quarantined", 0)),
     }
 
 
 def finish(r: redis.Redis, run_id: str, summary: Summary) -> None:
-    r.hset(_k(run_id), mapping={"status": summary.status, "finished_at": time.time(),
+    r.hset(key(run_id), mapping={"status": summary.status, "finished_at": time.time(),
                                 "summary": json.dumps(summary.public())})
 
 
@@ -218,7 +216,7 @@ def fail(r: redis.Redis, run_id: str, reason: str) -> None:
     """Mark a run failed with a reason an operator can act on (never patient data)."""
     if info(r, run_id).get("status") in ("finished", "failed"):
         return
-    r.hset(_k(run_id), mapping={"status": "failed", "finished_at": time.time(),
+    r.hset(key(run_id), mapping={"status": "failed", "finished_at": time.time(),
                                 "error": reason})
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,6 +64,16 @@ class Stack:
                         list(extra)).start()
         self.workers[name or role] = worker
         return worker
+
+    def firebird(self, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+        """Run SQL on the source database; the rows of a SELECT, [] for a change."""
+        with get_resources().firebird_pool.connection() as con:
+            cur = con.cursor()
+            try:
+                cur.execute(sql, params)
+                return list(cur.fetchall()) if cur.description else []
+            finally:
+                cur.close()
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
         """Read the store; retry while the loader holds its write lock for a commit."""

@@ -24,15 +24,6 @@ def _source_rows(stack, source):
     return sum(f["rows"] for f in files), sum(sum(f["defects"].values()) for f in files)
 
 
-def _firebird_count():
-    with get_resources().firebird_pool.connection() as con:
-        cur = con.cursor()
-        cur.execute("SELECT COUNT(*) FROM BILLING_CLAIMS")
-        (count,) = cur.fetchone()
-        cur.close()
-    return int(count)
-
-
 @pytest.fixture(scope="module")
 def first_runs(stack):
     """One run of every source, started together as `etl run --all` does."""
@@ -45,7 +36,8 @@ def first_runs(stack):
 
 def test_every_source_row_is_loaded_or_quarantined_once(env, first_runs):
     """DuckDB rows + quarantined rows equal the source rows, per source, with no duplicates."""
-    assert _firebird_count() == env.manifest["billing"]["rows"]
+    assert env.firebird("SELECT COUNT(*) FROM BILLING_CLAIMS") == [
+        (env.manifest["billing"]["rows"],)]
     for source, (table, key) in TABLES.items():
         summary = first_runs[source]
         assert summary.status == "finished", summary.error
@@ -124,7 +116,8 @@ def test_second_run_without_new_data_loads_nothing(env, first_runs):
 def test_new_firebird_rows_are_loaded_by_the_next_run(env, first_runs):
     """Claims added at the source after a run are loaded by the next run, and only they."""
     [(before,)] = env.query("SELECT count(*) FROM billing_claims")
-    first_new = _firebird_max() + 1
+    [(max_id,)] = env.firebird("SELECT MAX(CLAIM_ID) FROM BILLING_CLAIMS")
+    first_new = max_id + 1
     generate_claims(get_resources().firebird_target, first_new, 2_500)
     summary = run_source("billing").wait(timeout=120)
     assert summary.status == "finished", summary.error
@@ -136,11 +129,3 @@ def test_new_firebird_rows_are_loaded_by_the_next_run(env, first_runs):
                               [first_new])
     assert new_rows == summary.loaded
 
-
-def _firebird_max():
-    with get_resources().firebird_pool.connection() as con:
-        cur = con.cursor()
-        cur.execute("SELECT MAX(CLAIM_ID) FROM BILLING_CLAIMS")
-        (value,) = cur.fetchone()
-        cur.close()
-    return int(value)

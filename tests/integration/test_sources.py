@@ -118,13 +118,6 @@ def test_etl_run_path_lists_every_file_and_leaves_the_folder_alone(env, tmp_path
     assert sorted(p.name for p in folder.iterdir()) == before
 
 
-def _execute(sql, params=()):
-    with get_resources().firebird_pool.connection() as con:
-        cur = con.cursor()
-        cur.execute(sql, params)
-        cur.close()
-
-
 def test_a_claim_updated_at_the_source_is_loaded_again_as_its_new_version(env):
     """A row updated after it was loaded replaces its stored version: new values, no double."""
     run_source("billing").wait(timeout=120)  # nothing pending before the update
@@ -132,7 +125,7 @@ def test_a_claim_updated_at_the_source_is_loaded_again_as_its_new_version(env):
     ids = [r[0] for r in env.query(
         "SELECT claim_id FROM billing_claims ORDER BY claim_id LIMIT 5 OFFSET 10")]
     marks = ",".join("?" * len(ids))
-    _execute(f"UPDATE BILLING_CLAIMS SET AMOUNT = 12345.67, STATUS = 'paid', "
+    env.firebird(f"UPDATE BILLING_CLAIMS SET AMOUNT = 12345.67, STATUS = 'paid', "
              f"UPDATED_AT = DATEADD(1 DAY TO (SELECT MAX(UPDATED_AT) FROM BILLING_CLAIMS)) "
              f"WHERE CLAIM_ID IN ({marks})", ids)
     summary = run_source("billing").wait(timeout=120)

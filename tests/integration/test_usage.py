@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -23,12 +24,8 @@ from tests.integration.conftest import PIPELINE
 pytestmark = pytest.mark.integration
 
 
-def _claims_max():
-    with get_resources().firebird_pool.connection() as con:
-        cur = con.cursor()
-        cur.execute("SELECT MAX(CLAIM_ID) FROM BILLING_CLAIMS")
-        (value,) = cur.fetchone()
-        cur.close()
+def _claims_max(stack):
+    [(value,)] = stack.firebird("SELECT MAX(CLAIM_ID) FROM BILLING_CLAIMS")
     return int(value or 0)
 
 
@@ -75,7 +72,7 @@ def test_a_second_fleet_host_shares_the_work(env):
             names = {n for reply in (app.control.ping(timeout=0.5) or []) for n in reply}
             if f"fleet-{second.pid}@" in " ".join(names):
                 break
-        generate_claims(get_resources().firebird_target, _claims_max() + 1, 48_000)
+        generate_claims(get_resources().firebird_target, _claims_max(env) + 1, 48_000)
         summary = run_source("billing").wait(timeout=180)
         assert summary.status == "finished", summary.error
         assert summary.loaded + summary.quarantined == 48_000
@@ -127,7 +124,7 @@ def test_flower_shows_workers_and_id_only_task_arguments(env, tmp_path):
             time.sleep(0.5)
         assert any(w.startswith("fleet-") for w in workers)
         assert any(w.startswith("loader@") for w in workers)
-        generate_claims(get_resources().firebird_target, _claims_max() + 1, 100)
+        generate_claims(get_resources().firebird_target, _claims_max(env) + 1, 100)
         run_source("billing").wait(timeout=90)
         time.sleep(1)  # let Flower take in the last events
         tasks = get("/api/tasks").values()
@@ -136,8 +133,7 @@ def test_flower_shows_workers_and_id_only_task_arguments(env, tmp_path):
                 "etl.load.chunk"} <= names
         for task in tasks:
             # Arguments are a run id and a source/unit/chunk id: nothing like a patient id.
-            assert "P0" not in task["args"], task["args"]
-            assert "P1" not in task["args"], task["args"]
+            assert not re.search(r"P\d{6}", task["args"]), task["args"]
             assert len(task["args"]) < 200
     finally:
         flower.terminate()
