@@ -532,24 +532,19 @@ def _positions(keys: list[str], path: Path, source: str, sheet: str, row: int) -
 def _batches(located: _Located, batch_rows: int) -> Iterator[pa.Table]:
     index_of = {column: index for index, column in located.positions.items()}
     picks = [index_of.get(column) for column in COLUMNS]
-    mrn_index = index_of.get("mrn", -1)
     keys = files.DuplicateKeys()
     pending: list[Sequence[Cell]] = []
     refs: list[str] = []
-    duplicates: list[bool] = []
     for number, row in enumerate(located.rows, start=located.header_row + 1):
         if not any(cell.strip() if isinstance(cell, str) else cell is not None for cell in row):
             continue  # fully blank rows are layout, not data
         pending.append(row)
         refs.append(f"{located.ref_prefix}:row={number}")
-        duplicates.append(
-            keys.flag(cell_text(row[mrn_index]) if 0 <= mrn_index < len(row) else None)
-        )
         if len(pending) >= batch_rows:
-            yield _table(pending, picks, refs, duplicates)
-            pending, refs, duplicates = [], [], []
+            yield _table(pending, picks, refs, keys)
+            pending, refs = [], []
     if pending:
-        yield _table(pending, picks, refs, duplicates)
+        yield _table(pending, picks, refs, keys)
 
 
 def cell_text(value: Cell) -> str | None:
@@ -574,10 +569,11 @@ def cell_text(value: Cell) -> str | None:
 
 
 def _table(
-    rows: list[Sequence[Cell]], picks: list[int | None], refs: list[str], duplicates: list[bool]
+    rows: list[Sequence[Cell]], picks: list[int | None], refs: list[str], keys: files.DuplicateKeys
 ) -> pa.Table:
     """Build the batch column by column: one pass per column is faster than one per cell."""
-    return files.batch_table(SCHEMA, [_column(rows, index) for index in picks], refs, duplicates)
+    arrays = [_column(rows, index) for index in picks]
+    return files.batch_table(SCHEMA, arrays, refs, keys, key=COLUMNS.index("mrn"))
 
 
 def _column(rows: list[Sequence[Cell]], index: int | None) -> pa.Array:

@@ -6,9 +6,11 @@ Nothing here quotes file content: reasons and messages name the file and say wha
 from __future__ import annotations
 
 import errno
+import hashlib
 import re
 from collections.abc import Sequence
 
+import numpy as np
 import pyarrow as pa
 
 from etl_tasks.errors import EtlError, FatalError, SourceFileError, TransientError
@@ -42,27 +44,51 @@ def text_schema(columns: Sequence[str]) -> pa.Schema:
 
 
 def batch_table(
-    schema: pa.Schema, arrays: list[pa.Array], refs: list[str], duplicates: list[bool]
+    schema: pa.Schema, arrays: list[pa.Array], refs: list[str], keys: DuplicateKeys, key: int
 ) -> pa.Table:
-    """One batch of `schema` from its data columns and the rows' refs and duplicate flags."""
+    """One batch of `schema` from its data columns and the rows' refs; `arrays[key]` holds
+    the file's row key, checked against every earlier row of the file by `keys`."""
+    duplicates = keys.flags(arrays[key].to_pylist())
     arrays = [*arrays, pa.array(refs, pa.string()), pa.array(duplicates, pa.bool_())]
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
 class DuplicateKeys:
-    """Flags a row whose stripped key was seen on an earlier row of the file; "" is no key."""
+    """Flags a row whose stripped key was seen on an earlier row of the file; "" is no key.
+
+    A file may hold millions of rows, so the keys seen are kept as 16-byte BLAKE2b digests
+    in one sorted NumPy array (16 MB per million keys) rather than a set of Python strings
+    (about 80 MB per million), and checked a batch at a time. Two distinct keys would share
+    a digest with odds of about 1 in 10^26 for a file of a million rows.
+    """
 
     def __init__(self) -> None:
-        self._seen: set[str] = set()
+        self._seen = np.empty(0, dtype="S16")
 
-    def flag(self, key: str | None) -> bool:
-        key = (key or "").strip()
-        if not key:
-            return False
-        if key in self._seen:
-            return True
-        self._seen.add(key)
-        return False
+    def flags(self, keys: Sequence[str | None]) -> list[bool]:
+        """For each key in file order: was it on an earlier row (this batch or before)?"""
+        flags = [False] * len(keys)
+        first: dict[bytes, int] = {}  # digest -> index of its first row in this batch
+        for index, key in enumerate(keys):
+            text = (key or "").strip()
+            if not text:
+                continue
+            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            if digest in first:
+                flags[index] = True
+            else:
+                first[digest] = index
+        if not first:
+            return flags
+        # NumPy's "S" type drops trailing NUL bytes when comparing, harmless at a fixed width.
+        new = np.array(sorted(first), dtype="S16")
+        at = np.searchsorted(self._seen, new)
+        known = at < len(self._seen)
+        known[known] = self._seen[at[known]] == new[known]
+        for digest in new[known].tolist():
+            flags[first[digest.ljust(16, b"\0")]] = True
+        self._seen = np.insert(self._seen, at[~known], new[~known])
+        return flags
 
 
 def classify_os_error(exc: OSError, where: str, source: str | None) -> EtlError:

@@ -138,7 +138,6 @@ def _read(path: Path, batch_rows: int, source: str, layout: _Layout) -> Iterator
     keys = files.DuplicateKeys()
     columns: list[list[str | None]] = [[] for _ in COLUMNS]
     refs: list[str] = []
-    duplicates: list[bool] = []
     number = 0
     checked = False
     fields, record_attributes = layout.fields, layout.record_attributes
@@ -171,17 +170,16 @@ def _read(path: Path, batch_rows: int, source: str, layout: _Layout) -> Iterator
                 for column, value in zip(columns, values, strict=True):
                     column.append(value)
                 refs.append(f"{path.name}#record={number}")
-                duplicates.append(keys.flag(values[0]))
                 if len(refs) >= batch_rows:
-                    yield _table(columns, refs, duplicates)
+                    yield _table(columns, refs, keys)
                     columns = [[] for _ in COLUMNS]
-                    refs, duplicates = [], []
+                    refs = []
         except etree.XMLSyntaxError as exc:
             failure = exc
         if not checked and events.root is not None:
             _refuse_entities(events.root.getroottree().docinfo, path, source)
     if refs:
-        yield _table(columns, refs, duplicates)
+        yield _table(columns, refs, keys)
     if failure is not None:
         if layout.on_truncated == "keep_complete_records" and number > 0:
             line, at_column = _error_position(failure)
@@ -367,9 +365,9 @@ def _release(elem: Any) -> None:
             del parent[0]
 
 
-def _table(columns: list[list[str | None]], refs: list[str], duplicates: list[bool]) -> pa.Table:
+def _table(columns: list[list[str | None]], refs: list[str], keys: files.DuplicateKeys) -> pa.Table:
     arrays = [pa.array(values, pa.string()) for values in columns]
-    return files.batch_table(SCHEMA, arrays, refs, duplicates)
+    return files.batch_table(SCHEMA, arrays, refs, keys, key=COLUMNS.index("result_id"))
 
 
 def _error_position(exc: Any) -> tuple[int, int]:
