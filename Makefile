@@ -1,6 +1,7 @@
 # `make demo` runs the main job end to end; `make test` runs the test suite.
 # Both create .venv, install the pinned Python packages and, when missing, the system
-# packages they need (redis-server, libtommath1 for the embedded Firebird engine).
+# packages they need (redis-server, libtommath1 for the embedded Firebird engine; for the
+# tests also LibreOffice Calc, which makes workbooks the way another tool than openpyxl does).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -13,6 +14,8 @@ SYSTEM_PACKAGES := redis-server libtommath1
 demo: venv
 	$(VENV)/bin/etl demo
 
+# Target-specific, so it reaches the system-deps prerequisite of `make test` only.
+test: NEED_LIBREOFFICE := 1
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -25,12 +28,15 @@ system-deps:
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	/sbin/ldconfig -p 2>/dev/null | grep -q 'libtommath.so.1 ' || missing="$$missing libtommath1"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
+	if [ -n "$(NEED_LIBREOFFICE)" ]; then \
+	  command -v soffice >/dev/null 2>&1 || missing="$$missing libreoffice-calc-nogui"; \
+	fi; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then \
 	    echo "Installing system packages:$$missing"; \
-	    $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	    $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	  else \
-	    echo "Missing system packages:$$missing. Install them (Debian/Ubuntu: apt-get install$$missing) and run make again." >&2; \
+	    echo "Missing system packages:$$missing. Install them (Debian/Ubuntu: apt-get install --no-install-recommends$$missing) and run make again." >&2; \
 	    exit 1; \
 	  fi; \
 	fi
