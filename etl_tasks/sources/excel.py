@@ -1,7 +1,8 @@
 """Patient registration uploads (.xlsx, .xlsm, .xls, .ods): stream data rows as Arrow batches.
 
 Before any engine parses a zip container (.xlsx, .xlsm, .ods) its declared and actual
-decompressed sizes are bounded (zip bombs), macro-enabled workbooks are refused unless allowed
+decompressed sizes are bounded (zip bombs), workbooks that carry macros (an .xlsm, a VBA
+project in any workbook, Basic modules or scripts in an .ods) are refused unless allowed
 (macros are never run), and empty, renamed, encrypted or truncated files get their own reason.
 Then strategies are tried in order, each attempt logged: python-calamine, openpyxl (read-only,
 .xlsx/.xlsm), a CSV sidecar with the same stem (`upload.csv` beside `upload.xlsx`), and the last
@@ -119,6 +120,9 @@ _SIGNATURES = {b"PK\x03\x04": "zip", b"\xd0\xcf\x11\xe0": "ole"}
 _EXPECTED_SIGNATURE = {".xlsx": "zip", ".xlsm": "zip", ".ods": "zip", ".xls": "ole"}
 _OPENPYXL_SUFFIXES = frozenset({".xlsx", ".xlsm"})
 _ENCRYPTED_MARKS = ("EncryptedPackage".encode("utf-16-le"), b"EncryptedPackage")
+# A legacy .xls keeps its VBA project in an OLE storage of this name (UTF-16 in the directory).
+_OLE_MACRO_MARKS = ("_VBA_PROJECT_CUR".encode("utf-16-le"),)
+_BASIC_INDEXES = frozenset({"script-lc.xml", "script-lb.xml", "dialog-lc.xml", "dialog-lb.xml"})
 _REEXPORT = "ask the sender to export it again from the spreadsheet program"
 _CHUNK = 1 << 20
 
@@ -398,7 +402,18 @@ def _precheck(path: Path, options: _Options) -> str | None:
         return _mismatch(path, suffix, head, found)
     if found == "zip":
         return _check_zip(path, options)
+    if found == "ole" and not options.allow_macros and _contains_any(path, _OLE_MACRO_MARKS):
+        raise _Refused(MACROS_REFUSED)
     return None
+
+
+def _holds_macros(member: str) -> bool:
+    """A zip member that carries macros: Excel's VBA project, an OpenDocument Basic module
+    (`Basic/<library>/<module>.xml`; the library index files alone run nothing) or script."""
+    name = member.lower()
+    if name.endswith("vbaproject.bin") or name.startswith("scripts/"):
+        return True
+    return name.startswith("basic/") and name.rsplit("/", 1)[-1] not in _BASIC_INDEXES
 
 
 def _mismatch(path: Path, suffix: str, head: bytes, found: str | None) -> str:
@@ -455,9 +470,7 @@ def _check_zip(path: Path, options: _Options) -> str | None:
                     f"({files.megabytes(info.file_size)} MB; limit {MAX_RATIO}:1 on parts over "
                     f"{files.megabytes(RATIO_MIN_BYTES)} MB); a zip bomb or an export gone wrong"
                 )
-        if not options.allow_macros and any(
-            info.filename.lower().endswith("vbaproject.bin") for info in members
-        ):
+        if not options.allow_macros and any(_holds_macros(info.filename) for info in members):
             raise _Refused(MACROS_REFUSED)
         # Declared sizes can lie: inflate every member once, counting, before an engine does.
         budget = limit

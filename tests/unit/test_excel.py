@@ -435,6 +435,21 @@ def test_vba_project_inside_an_xlsx_is_refused(tmp_path):
         read_all(path)
 
 
+def test_legacy_xls_with_a_vba_project_is_refused_unless_allowed(tmp_path):
+    """An .xls whose OLE directory names a `_VBA_PROJECT_CUR` storage carries macros. Test
+    double: bytes with the OLE signature and that directory name, since no tool here writes
+    an .xls with VBA; with allow_macros the file goes on to the engines (which reject it)."""
+    path = tmp_path / "reg.xls"
+    path.write_bytes(b"\xd0\xcf\x11\xe0\xa1\xb1\x1a\xe1" + bytes(600)
+                     + "_VBA_PROJECT_CUR".encode("utf-16-le") + bytes(400))  # fmt: skip
+    with pytest.raises(SourceFileError) as caught:
+        read_all(path)
+    assert caught.value.reason == excel.MACROS_REFUSED
+    with pytest.raises(SourceFileError) as caught:
+        read_all(path, allow_macros=True)
+    assert "macro" not in caught.value.reason
+
+
 @pytest.mark.parametrize(
     ("content", "reason"),
     [

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import zipfile
 from pathlib import Path
 
 import pyarrow as pa
 import pytest
 
 from etl_tasks import demo_files
+from etl_tasks.errors import SourceFileError
 from etl_tasks.sources import excel
 from etl_tasks.transform import transform_chunk
 
@@ -142,3 +144,58 @@ def test_a_csv_export_converted_by_libreoffice(convert, tmp_path, fmt):
         "11": "sex: must be one of M, F, X, U",
         "12": "zip: must be exactly 5 digits",
     }
+
+
+MACRO_BOOK = """\
+<?xml version="1.0" encoding="UTF-8"?>
+<office:document xmlns:office="urn:oasis:names:tc:opendocument:xmlns:office:1.0"
+ xmlns:table="urn:oasis:names:tc:opendocument:xmlns:table:1.0"
+ xmlns:text="urn:oasis:names:tc:opendocument:xmlns:text:1.0"
+ xmlns:script="urn:oasis:names:tc:opendocument:xmlns:script:1.0"
+ xmlns:ooo="http://openoffice.org/2004/office"
+ office:version="1.3" office:mimetype="application/vnd.oasis.opendocument.spreadsheet">
+ <office:scripts><office:script script:language="ooo:Basic"><ooo:libraries>
+  <ooo:library-embedded ooo:name="Standard"><ooo:module ooo:name="Module1">
+   <ooo:source-code>Sub Main
+  Shell "touch {marker}"
+End Sub
+</ooo:source-code></ooo:module></ooo:library-embedded>
+ </ooo:libraries></office:script></office:scripts>
+ <office:body><office:spreadsheet><table:table table:name="Uploads">
+{rows}
+ </table:table></office:spreadsheet></office:body>
+</office:document>
+"""
+
+
+def _fods_row(cells: list[str]) -> str:
+    return "<table:table-row>" + "".join(
+        f'<table:table-cell office:value-type="string"><text:p>{cell}</text:p></table:table-cell>'
+        for cell in cells
+    ) + "</table:table-row>"
+
+
+def test_ods_with_a_basic_macro_is_refused_unless_allowed(convert, tmp_path):
+    """LibreOffice stores the document's Basic library as `Basic/Standard/Module1.xml`: such
+    an .ods is refused by default; allowed, its data is read and the macro never runs."""
+    header = ["MRN", "First Name", "Last Name", "Date of Birth", "Sex", "ZIP", "Phone",
+              "Registration Date", "Clinic", "Insurance ID"]  # fmt: skip
+    row = ["M-1", "Ana", "Diaz", "1961-04-02", "F", "02134", "", "2026-11-03", "North", ""]
+    marker = tmp_path / "macro-ran"
+    source = tmp_path / "uploads.fods"
+    source.write_text(
+        MACRO_BOOK.format(marker=marker, rows=_fods_row(header) + _fods_row(row)), "utf-8"
+    )
+    [path] = convert([source], "ods", tmp_path / "out")
+    with zipfile.ZipFile(path) as archive:
+        assert "Basic/Standard/Module1.xml" in archive.namelist()
+    with pytest.raises(SourceFileError) as caught:
+        read(path)
+    assert caught.value.reason == excel.MACROS_REFUSED
+    table = pa.concat_tables(
+        excel.iter_batches(path, batch_rows=128, source="lo", allow_macros=True)
+    )
+    assert table.select(["mrn", "zip", "_source_ref"]).to_pylist() == [
+        {"mrn": "M-1", "zip": "02134", "_source_ref": "uploads.ods!Uploads:row=2"}
+    ]
+    assert not marker.exists()
