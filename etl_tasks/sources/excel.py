@@ -16,6 +16,7 @@ become text without losing digits; parsing belongs to the transform.
 
 from __future__ import annotations
 
+import codecs
 import csv
 import datetime as dt
 import itertools
@@ -125,6 +126,8 @@ _OLE_MACRO_MARKS = ("_VBA_PROJECT_CUR".encode("utf-16-le"),)
 _BASIC_INDEXES = frozenset({"script-lc.xml", "script-lb.xml", "dialog-lc.xml", "dialog-lb.xml"})
 _REEXPORT = "ask the sender to export it again from the spreadsheet program"
 _CHUNK = 1 << 20
+_CSV_DELIMITERS = (",", ";", "\t")
+_CSV_ENCODINGS = {"utf-8-sig": "UTF-8", "cp1252": "Windows-1252", "utf-16": "UTF-16"}
 
 
 def iter_batches(
@@ -339,26 +342,72 @@ def _open_openpyxl(path: Path) -> Workbook:
 
 
 def _sidecar(path: Path, source: str) -> _Located:
-    """`upload.csv` beside `upload.xlsx`: same header search, rows numbered as CSV records."""
+    """`upload.csv` beside `upload.xlsx`: same header search, rows numbered as CSV records.
+
+    Spreadsheet programs save CSV as UTF-8 (often with a BOM), as UTF-16 with a BOM, or in the
+    Windows code page of the machine (1252 for Western Europe and the Americas), and with `;`
+    instead of `,` where the comma is the decimal mark: the encoding is settled by decoding the
+    whole file once, and the separator is the first of `,`, `;`, tab that yields the header.
+    """
     candidates = [path.with_suffix(suffix) for suffix in (".csv", ".CSV")]
     sidecar = next((candidate for candidate in candidates if candidate.is_file()), None)
     if sidecar is None:
         raise _Failed(f"no {path.stem}.csv beside the file")
     try:
-        stream = sidecar.open(encoding="utf-8-sig", newline="")
+        encoding = _csv_encoding(sidecar)
     except OSError as exc:
         raise _Failed(_failure(exc, sidecar, source)) from exc
-    reader = csv.reader(stream)
-    book = Workbook([sidecar.name], lambda _name: iter(reader), stream.close)
+    if encoding is None:
+        raise _Failed(
+            "the text is neither UTF-8 nor Windows-1252; save the CSV again as UTF-8"
+        )
+    reason = ""
+    for delimiter in _CSV_DELIMITERS:
+        try:
+            stream = sidecar.open(encoding=encoding, newline="")
+        except OSError as exc:
+            raise _Failed(_failure(exc, sidecar, source)) from exc
+        book = Workbook([sidecar.name], _csv_rows(stream, delimiter), stream.close)
+        try:
+            _name, header_row, positions, rows = _locate(book, sidecar, source, None)
+        except SourceFileError as exc:
+            stream.close()
+            reason = reason or exc.reason  # the comma's reason: the others say the same
+            continue
+        except Exception as exc:
+            stream.close()
+            raise _Failed(_failure(exc, sidecar, source)) from exc
+        log.info("%s: read as %s, separated by %r", sidecar.name, _CSV_ENCODINGS[encoding],
+                 delimiter)  # fmt: skip
+        return _Located(sidecar.name, header_row, positions, rows, stream.close)
+    raise _Failed(reason)
+
+
+def _csv_rows(stream: Any, delimiter: str) -> Callable[[str], Iterator[Sequence[Cell]]]:
+    reader = csv.reader(stream, delimiter=delimiter)
+    return lambda _name: iter(reader)
+
+
+def _csv_encoding(path: Path) -> str | None:
+    """The codec that decodes the whole file: UTF-16 by its BOM, else UTF-8, else cp1252."""
+    with path.open("rb") as stream:
+        head = stream.read(2)
+    if head in (codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE):
+        codec = "utf-16"
+        return codec if _decodes(path, codec) else None
+    return next((codec for codec in ("utf-8-sig", "cp1252") if _decodes(path, codec)), None)
+
+
+def _decodes(path: Path, codec: str) -> bool:
+    decoder = codecs.getincrementaldecoder(codec)()
     try:
-        _name, header_row, positions, rows = _locate(book, sidecar, source, None)
-    except SourceFileError as exc:
-        stream.close()
-        raise _Failed(exc.reason) from None
-    except Exception as exc:
-        stream.close()
-        raise _Failed(_failure(exc, sidecar, source)) from exc
-    return _Located(sidecar.name, header_row, positions, rows, stream.close)
+        with path.open("rb") as stream:
+            while chunk := stream.read(_CHUNK):
+                decoder.decode(chunk)
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _last_good(path: Path, source: str, options: _Options) -> _Located:

@@ -310,7 +310,46 @@ def test_csv_sidecar_is_read_when_the_workbook_has_no_header(tmp_path, caplog):
     assert table["_source_ref"].to_pylist() == ["reg.csv:row=3", "reg.csv:row=5"]
     outcomes = [record.getMessage().split(": ", 2)[1] for record in caplog.records]
     assert outcomes == ["strategy python-calamine failed", "strategy openpyxl failed",
+                        "read as UTF-8, separated by ','",
                         "strategy csv sidecar succeeded; reading reg.csv"]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("codec", "delimiter", "said"),
+    [
+        ("utf-8-sig", ";", "UTF-8, separated by ';'"),
+        ("cp1252", ",", "Windows-1252, separated by ','"),
+        ("cp1252", ";", "Windows-1252, separated by ';'"),
+        ("utf-16", "\t", "UTF-16, separated by '\\t'"),
+    ],
+)
+def test_csv_sidecar_in_other_encodings_and_separators(tmp_path, caplog, codec, delimiter, said):
+    """Office programs save CSV in the machine's code page and with `;` where the comma is the
+    decimal mark: names with accents and the µ survive, every row is read."""
+    path = workbook(tmp_path / "reg.xlsx", {"S": [["nothing here"]]})
+    rows = [["Export de la clinique"], HEADER,
+            person("A1", first_name="Zoë", last_name="Núñez", insurance_id="µ-7"), person("A2")]
+    text = "\r\n".join(delimiter.join(str(cell) for cell in row) for row in rows) + "\r\n"
+    (tmp_path / "reg.csv").write_bytes(text.encode(codec))
+    caplog.set_level("INFO", logger=excel.__name__)
+    table = read_all(path)
+    assert table.select(["mrn", "first_name", "last_name", "insurance_id", "zip"]).to_pylist() == [
+        {"mrn": "A1", "first_name": "Zoë", "last_name": "Núñez", "insurance_id": "µ-7",
+         "zip": "02134"},
+        {"mrn": "A2", "first_name": "Ana", "last_name": "Diaz", "insurance_id": "BCBS-1",
+         "zip": "02134"},
+    ]  # fmt: skip
+    assert table["_source_ref"].to_pylist() == ["reg.csv:row=3", "reg.csv:row=4"]
+    assert f"reg.csv: read as {said}" in [record.getMessage() for record in caplog.records]
+
+
+def test_csv_sidecar_that_no_codec_decodes_is_a_failed_strategy(tmp_path):
+    """Bytes undefined in Windows-1252 and invalid as UTF-8: the sidecar's reason says so."""
+    path = workbook(tmp_path / "reg.xlsx", {"S": [["nothing here"]]})
+    (tmp_path / "reg.csv").write_bytes(b"MRN,Date of Birth\r\nA1\x81\x8d,1961-04-02\r\n")
+    with pytest.raises(SourceFileError) as caught:
+        read_all(path)
+    assert "csv sidecar: the text is neither UTF-8 nor Windows-1252" in caught.value.reason
 
 
 def test_last_good_copy_is_read_when_everything_else_fails(tmp_path):
