@@ -170,3 +170,52 @@ def test_a_full_firebird_pool_is_a_transient_error_not_a_crash(env):
             assert con is not None
     finally:
         pool.close()
+
+
+CLAIM_RACE = """
+import sys, time
+import redis
+from etl_tasks import inbox
+url, at = sys.argv[1], float(sys.argv[2])
+r = redis.Redis.from_url(url)
+time.sleep(max(0.0, at - time.time()))
+print(inbox.claim(r, "lab_results", "f" * 64, sys.argv[3], 60))
+"""
+
+
+def test_a_file_is_claimed_by_exactly_one_of_many_hosts(env):
+    """Eight processes (standing in for hosts) claim the same content at the same instant
+    against the one Redis: exactly one wins."""
+    at = time.time() + 2
+    racers = [subprocess.Popen([sys.executable, "-c", CLAIM_RACE, env.env["ETL_REDIS_URL"],
+                                str(at), f"run-{n}"], env=env.env, stdout=subprocess.PIPE,
+                               text=True) for n in range(8)]  # fmt: skip
+    answers = [racer.communicate(timeout=60)[0].strip() for racer in racers]
+    assert sorted(answers) == ["False"] * 7 + ["True"]
+
+
+def test_two_runs_of_one_inbox_at_once_load_each_file_once(env, lab_inbox, tmp_path):
+    """Two runs of the source enqueued together (as from two hosts' shells): one takes the
+    inbox, the other is refused or finds nothing; every row lands exactly once."""
+    drained = run_source("lab_results").wait(timeout=120)  # what other tests left in the inbox
+    assert drained.status == "finished", drained.error
+    made = write_lab_feeds(tmp_path, files=3, records_per_file=60, seed=505)
+    for m in made:
+        shutil.copy(tmp_path / m.name, lab_inbox / f"race_{m.name}")
+        _settle(lab_inbox / f"race_{m.name}")
+    first, second = run_source("lab_results"), run_source("lab_results")
+    summaries = [first.wait(timeout=120), second.wait(timeout=120)]
+    finished = [s for s in summaries if s.status == "finished" and s.extracted]
+    assert len(finished) == 1, [(s.status, s.extracted, s.error) for s in summaries]
+    for other in summaries:
+        if other is not finished[0]:
+            assert other.extracted == 0
+            assert other.status == "finished" or "in progress" in (other.error or "")
+    planted = sum(sum(m.defects.values()) for m in made)
+    total = sum(m.rows for m in made)
+    assert (finished[0].loaded, finished[0].quarantined) == (total - planted, planted)
+    loaded = env.query("SELECT count(*), count(DISTINCT source_ref) FROM lab_results "
+                       "WHERE source_ref LIKE 'race_%'")  # fmt: skip
+    assert loaded == [(total - planted, total - planted)]
+    quarantined = env.query("SELECT count(*) FROM etl_quarantine WHERE source_ref LIKE 'race_%'")
+    assert quarantined == [(planted,)]
