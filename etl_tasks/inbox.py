@@ -3,7 +3,9 @@
 A file still being written (a temporary name, or modified within the settle time) is left
 for a later run. A file is claimed by content hash with an atomic Redis SET NX, so exactly one
 run on one host takes it. After its load commits it moves to `processed/`; a refused file
-moves to `quarantine/` with a small `.reason.txt` beside it.
+moves to `quarantine/` with a small `.reason.txt` beside it. A workbook's CSV sidecar (same
+stem, `.csv`) moves with it, so that a later upload of the same name never reads a stale one.
+Files of other types are left where they are.
 """
 
 from __future__ import annotations
@@ -15,8 +17,15 @@ from pathlib import Path
 
 import redis
 
+from etl_tasks.sources import files
+
 # Names that upload tools and editors use while a file is still being written.
 TEMPORARY_MARKS = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".swp")
+# File suffixes a source of each kind reads, in any case (Windows uploads say `.XLSX`).
+SUFFIXES: dict[str, frozenset[str]] = {
+    "xml": frozenset({".xml"}),
+    "excel": frozenset({".xlsx", ".xlsm", ".xls", ".ods"}),
+}
 
 
 def sha256_file(path: Path) -> str:
@@ -32,13 +41,13 @@ def is_temporary(path: Path) -> bool:
     return name.startswith((".", "~$")) or name.endswith(TEMPORARY_MARKS)
 
 
-def ready_files(inbox: Path, patterns: tuple[str, ...], settle_s: float,
+def ready_files(inbox: Path, kind: str, settle_s: float,
                 now: float | None = None) -> list[Path]:
-    """Files matching `patterns` that are complete: not temporary, untouched for settle_s."""
+    """Files a source of `kind` reads that are complete: not temporary, untouched for settle_s."""
     if not inbox.is_dir():
         return []
     now = time.time() if now is None else now
-    found = {p for pattern in patterns for p in inbox.glob(pattern)}
+    found = [path for path in inbox.iterdir() if path.suffix.lower() in SUFFIXES[kind]]
     ready = []
     for path in sorted(found):
         try:
@@ -64,31 +73,39 @@ def release(r: redis.Redis, source: str, sha256: str) -> None:
     r.delete(f"etl:claim:{source}:{sha256}")
 
 
-def _free_name(folder: Path, name: str, sha256: str) -> Path:
-    target = folder / name
-    if target.exists():  # same name uploaded again with other content: keep both
-        target = folder / f"{Path(name).stem}.{sha256[:12]}{Path(name).suffix}"
+def sidecars(path: Path) -> list[Path]:
+    """The CSV sidecar(s) of a workbook; none for other files."""
+    if path.suffix.lower() not in SUFFIXES["excel"]:
+        return []
+    return [side for side in map(path.with_suffix, files.SIDECAR_SUFFIXES) if side.is_file()]
+
+
+def _move(path: Path, folder_name: str, sha256: str) -> Path | None:
+    """Move `path` and its sidecars into `folder_name/` beside it, never over another file
+    (same name with other content: the target stem gets the hash); None if already gone."""
+    if not path.exists():
+        return None
+    folder = path.parent / folder_name
+    folder.mkdir(exist_ok=True)
+    companions = sidecars(path)
+    stem = path.stem
+    if any((folder / moved.name).exists() for moved in [path, *companions]):
+        stem = f"{path.stem}.{sha256[:12]}"
+    for companion in companions:
+        os.replace(companion, folder / (stem + companion.suffix))
+    target = folder / (stem + path.suffix)
+    os.replace(path, target)
     return target
 
 
 def move_processed(path: Path, sha256: str) -> Path | None:
     """Move a loaded file to `processed/` beside it; None when it is already gone."""
-    if not path.exists():
-        return None
-    folder = path.parent / "processed"
-    folder.mkdir(exist_ok=True)
-    target = _free_name(folder, path.name, sha256)
-    os.replace(path, target)
-    return target
+    return _move(path, "processed", sha256)
 
 
 def move_quarantined(path: Path, sha256: str, reason: str) -> Path | None:
     """Move a refused file to `quarantine/` with `<name>.reason.txt` saying why."""
-    if not path.exists():
-        return None
-    folder = path.parent / "quarantine"
-    folder.mkdir(exist_ok=True)
-    target = _free_name(folder, path.name, sha256)
-    target.with_name(target.name + ".reason.txt").write_text(reason + "\n", encoding="utf-8")
-    os.replace(path, target)
+    target = _move(path, "quarantine", sha256)
+    if target is not None:
+        target.with_name(target.name + ".reason.txt").write_text(reason + "\n", encoding="utf-8")
     return target

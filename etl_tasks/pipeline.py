@@ -27,12 +27,6 @@ log = logging.getLogger(__name__)
 
 Dispatch = Callable[[str, str], None]  # (run_id, unit or chunk id)
 
-FILE_PATTERNS: dict[str, tuple[str, ...]] = {
-    "xml": ("*.xml",),
-    "excel": ("*.xlsx", "*.xlsm", "*.xls", "*.ods"),
-}
-
-
 def plan_ranges(src: SourceConfig, after: int, bounds: tuple[int, int] | None) -> list[runs.Unit]:
     """Cut the new keys (above the checkpoint) into ranges of at most chunk_size keys."""
     if bounds is None:
@@ -105,7 +99,7 @@ def _plan_files(res: Resources, src: SourceConfig, run_id: str,
     folder = Path(options.path) if options.path else src.inbox(res.settings)
     settle = 0.0 if options.path else src.settle_s  # an operator's folder is taken as is
     units, seen = [], set()
-    for path in inbox.ready_files(folder, FILE_PATTERNS[src.kind], settle):
+    for path in inbox.ready_files(folder, src.kind, settle):
         sha = inbox.sha256_file(path)
         rows = checkpoints.loaded_file_rows(r, src.name, sha)
         if rows is not None:

@@ -349,7 +349,7 @@ def _sidecar(path: Path, source: str) -> _Located:
     instead of `,` where the comma is the decimal mark: the encoding is settled by decoding the
     whole file once, and the separator is the first of `,`, `;`, tab that yields the header.
     """
-    candidates = [path.with_suffix(suffix) for suffix in (".csv", ".CSV")]
+    candidates = [path.with_suffix(suffix) for suffix in files.SIDECAR_SUFFIXES]
     sidecar = next((candidate for candidate in candidates if candidate.is_file()), None)
     if sidecar is None:
         raise _Failed(f"no {path.stem}.csv beside the file")

@@ -30,6 +30,8 @@ TRANSIENT_ERRNOS = frozenset(
     }
 )
 _OS_ERRNO = re.compile(r"\(os error (\d+)\)")
+# A workbook's CSV sidecar: `upload.csv` (or `.CSV`) beside `upload.xlsx`.
+SIDECAR_SUFFIXES = (".csv", ".CSV")
 
 
 def text_schema(columns: Sequence[str]) -> pa.Schema:

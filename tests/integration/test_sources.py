@@ -15,7 +15,7 @@ from decimal import Decimal
 import pytest
 
 from etl_tasks.api import run_source
-from etl_tasks.demo_files import write_lab_feeds
+from etl_tasks.demo_files import write_lab_feeds, write_registrations
 from etl_tasks.resources import get_resources
 
 pytestmark = pytest.mark.integration
@@ -219,3 +219,35 @@ def test_two_runs_of_one_inbox_at_once_load_each_file_once(env, lab_inbox, tmp_p
     assert loaded == [(total - planted, total - planted)]
     quarantined = env.query("SELECT count(*) FROM etl_quarantine WHERE source_ref LIKE 'race_%'")
     assert quarantined == [(planted,)]
+
+
+def test_workbooks_of_any_case_move_with_their_sidecars_and_other_files_stay(env, tmp_path):
+    """`CLINIC.XLSX` is read like `.xlsx`; a workbook's CSV sidecar moves with it to
+    processed/ or quarantine/; a PDF and a CSV that is nobody's sidecar are left alone."""
+    inbox_dir = env.root / "data" / "demo" / "registrations"
+    [made] = write_registrations(tmp_path, files=1, rows_per_file=40, seed=606)
+    shutil.copy(tmp_path / made.name, inbox_dir / "CLINIC.XLSX")
+    (inbox_dir / "CLINIC.csv").write_text("not read: the workbook itself is readable\n")
+    (inbox_dir / "broken.xlsx").write_bytes((tmp_path / made.name).read_bytes()[:300])
+    (inbox_dir / "broken.csv").write_text("no header here\n")
+    (inbox_dir / "scan.pdf").write_bytes(b"%PDF-1.4 a scanned consent form")
+    (inbox_dir / "standalone.csv").write_text("MRN,Date of Birth\nA1,1961-04-02\n")
+    names = ["CLINIC.XLSX", "CLINIC.csv", "broken.xlsx", "broken.csv", "scan.pdf",
+             "standalone.csv"]  # fmt: skip
+    _settle(*(inbox_dir / name for name in names))
+    summary = run_source("registrations").wait(timeout=120)
+    assert summary.status == "finished", summary.error
+    files = {f["name"]: f for f in summary.files}
+    assert not {"scan.pdf", "standalone.csv", "CLINIC.csv", "broken.csv"} & set(files)
+    planted = sum(made.defects.values())
+    assert (files["CLINIC.XLSX"]["status"], files["CLINIC.XLSX"]["rows_loaded"],
+            files["CLINIC.XLSX"]["rows_quarantined"]) == ("loaded", made.rows - planted, planted)
+    assert files["broken.xlsx"]["status"] == "quarantined"
+    assert "csv sidecar" in files["broken.xlsx"]["reason"]
+    left = sorted(p.name for p in inbox_dir.iterdir() if p.is_file())
+    assert [name for name in left if name in names] == ["scan.pdf", "standalone.csv"]
+    assert (inbox_dir / "processed" / "CLINIC.XLSX").is_file()
+    assert (inbox_dir / "processed" / "CLINIC.csv").is_file()
+    assert (inbox_dir / "quarantine" / "broken.xlsx").is_file()
+    assert (inbox_dir / "quarantine" / "broken.csv").is_file()
+    assert (inbox_dir / "quarantine" / "broken.xlsx.reason.txt").is_file()
