@@ -17,15 +17,12 @@ from pathlib import Path
 
 import redis
 
-from etl_tasks.sources import files
+from etl_tasks.sources import excel, files, xml_feed
 
 # Names that upload tools and editors use while a file is still being written.
 TEMPORARY_MARKS = (".tmp", ".part", ".partial", ".crdownload", ".filepart", ".swp")
 # File suffixes a source of each kind reads, in any case (Windows uploads say `.XLSX`).
-SUFFIXES: dict[str, frozenset[str]] = {
-    "xml": frozenset({".xml"}),
-    "excel": frozenset({".xlsx", ".xlsm", ".xls", ".ods"}),
-}
+SUFFIXES: dict[str, frozenset[str]] = {"xml": xml_feed.EXTENSIONS, "excel": excel.EXTENSIONS}
 
 
 def sha256_file(path: Path) -> str:

@@ -43,6 +43,7 @@ COLUMNS = (
     "status",
 )
 SCHEMA = files.text_schema(COLUMNS)
+EXTENSIONS = frozenset({".xml"})
 DEFAULT_RECORD = "Result"
 DEFAULT_FIELDS: Mapping[str, str] = {
     "result_id": "ResultId",

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pytest
 
 from etl_tasks.errors import FatalError
+from etl_tasks.sources import excel, xml_feed
 from etl_tasks.transform import (
     OUTPUT_SCHEMAS,
     QUARANTINE_SCHEMA,
@@ -48,21 +49,7 @@ GOOD_CLAIM = {
     "status": "paid",
     "updated_at": datetime.datetime(2026, 11, 3, 9, 30),
 }
-LAB_COLUMNS = [
-    "result_id",
-    "patient_id",
-    "birth_date",
-    "test_code",
-    "test_system",
-    "test_name",
-    "value",
-    "unit",
-    "ref_low",
-    "ref_high",
-    "collected_at",
-    "reported_at",
-    "status",
-]
+LAB_COLUMNS = list(xml_feed.COLUMNS)
 GOOD_LAB = {
     "result_id": "R-000001",
     "patient_id": "P000123",
@@ -78,18 +65,7 @@ GOOD_LAB = {
     "reported_at": "2026-11-19T12:02:00Z",
     "status": "final",
 }
-REGISTRATION_COLUMNS = [
-    "mrn",
-    "first_name",
-    "last_name",
-    "date_of_birth",
-    "sex",
-    "zip",
-    "phone",
-    "registration_date",
-    "clinic",
-    "insurance_id",
-]
+REGISTRATION_COLUMNS = list(excel.COLUMNS)
 GOOD_REGISTRATION = {
     "mrn": "MRN-1",
     "first_name": "Ann",
