@@ -29,11 +29,15 @@ def free_port() -> int:
 
 @dataclass
 class RedisServer:
-    """A redis-server on a free loopback port, append-only file in `directory`."""
+    """A redis-server on a free loopback port, append-only file in `directory`.
+
+    With `appendonly=False` it keeps nothing: a restart starts empty (the fault tests' case).
+    """
 
     directory: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    appendonly: bool = True
 
     @property
     def url(self) -> str:
@@ -47,8 +51,8 @@ class RedisServer:
         self.directory.mkdir(parents=True, exist_ok=True)
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
-             str(self.directory.resolve()), "--appendonly", "yes", "--save", "",
-             "--logfile", "redis.log"],
+             str(self.directory.resolve()), "--appendonly", "yes" if self.appendonly else "no",
+             "--appendfsync", "everysec", "--save", "", "--logfile", "redis.log"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 15
@@ -67,6 +71,12 @@ class RedisServer:
             self.process.send_signal(sig)
             self.process.wait(timeout=30)
         self.process = None
+
+    def restart(self) -> RedisServer:
+        """kill -9 the server and start it again on the same port and folder: with what its
+        append-only file kept, or empty when it keeps none."""
+        self.stop(signal.SIGKILL)
+        return self.start()
 
 
 @dataclass
