@@ -1,7 +1,10 @@
 """The beat schedule, built from the pipeline config: one entry per source.
 
-`celery -A etl_tasks beat` runs it. Each entry enqueues `etl.plan.run_source` with only the
-source name; the run id is made by the task.
+`celery -A etl_tasks beat` (or `python -m workers.beat`) runs it. Each source entry enqueues
+`etl.plan.run_source` with only the source name (the run id is made by the task); a source
+with `schedule = "manual"` runs only when asked. The supervisor runs every
+`ETL_SUPERVISE_EVERY_S` seconds: without it a run whose worker died waits for the broker's
+visibility timeout.
 """
 
 from __future__ import annotations
@@ -10,12 +13,20 @@ from typing import Any
 
 from celery.schedules import crontab
 
-from etl_tasks.config import PipelineConfig, get_settings, load_pipeline
+from etl_tasks.config import PipelineConfig, Settings, get_settings, load_pipeline
 
 
-def build_schedule(pipeline: PipelineConfig) -> dict[str, dict[str, Any]]:
-    schedule: dict[str, dict[str, Any]] = {}
+def build_schedule(pipeline: PipelineConfig,
+                   settings: Settings | None = None) -> dict[str, dict[str, Any]]:
+    every = (settings or get_settings()).supervise_every_s
+    schedule: dict[str, dict[str, Any]] = {
+        "supervise": {"task": "etl.control.supervise", "schedule": every,
+                      # A tick nobody took in time is dropped: the next one does the same.
+                      "options": {"expires": every}},
+    }
     for src in pipeline.sources:
+        if src.schedule == "manual":
+            continue
         when: Any = src.schedule
         if isinstance(when, str):
             minute, hour, day, month, weekday = when.split()

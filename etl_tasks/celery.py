@@ -14,7 +14,10 @@ app = Celery("etl_tasks", broker=settings.redis_url, backend=settings.redis_url,
 
 # Longest wait before a message held by a dead worker is redelivered. It must exceed the hard
 # time limit and the longest retry countdown, or Redis re-delivers a task still running.
+# Messages held by a dead worker are re-sent long before this by the supervisor.
 VISIBILITY_TIMEOUT_S = max(2 * settings.task_time_limit_s, 3600)
+# extract/transform: the fleet; load: the single loader; control: the supervisor (both).
+QUEUES = ("extract", "transform", "load", "control")
 
 app.conf.update(
     task_serializer="json",
@@ -30,13 +33,14 @@ app.conf.update(
     result_backend_transport_options={"visibility_timeout": VISIBILITY_TIMEOUT_S},
     broker_connection_retry_on_startup=True,
     result_expires=24 * 3600,
-    task_queues=[Queue(name) for name in ("extract", "transform", "load")],  # type: ignore[no-untyped-call]
+    task_queues=[Queue(name) for name in QUEUES],  # type: ignore[no-untyped-call]
     task_default_queue="extract",
     task_routes={
         "etl.plan.*": {"queue": "extract"},
         "etl.extract.*": {"queue": "extract"},
         "etl.transform.*": {"queue": "transform"},
         "etl.load.*": {"queue": "load"},
+        "etl.control.*": {"queue": "control"},
     },
     # Flower and `etl status` see tasks as they move.
     worker_send_task_events=True,

@@ -1,7 +1,11 @@
-"""Source checkpoints in Redis, advanced only after a committed load.
+"""Source checkpoints in Redis, advanced only after a committed load, rebuilt from the ledger.
 
-Firebird keeps a key high-water mark; file sources keep the content hashes of files already
-loaded (with their row counts, reported as skipped when the same content comes again).
+Firebird keeps a key high-water mark (every key at or below it is committed) and an updated
+mark (every row at or below the key mark whose UPDATED_AT is at or before it is stored in
+that version); file sources keep the content hashes of files already loaded (with their row
+counts, reported as skipped when the same content comes again). Redis may lose all of this;
+a marker key tells that it did, and `rebuild` derives every checkpoint from the DuckDB ledger
+before the next plan, so nothing committed is read as new and nothing new is skipped.
 """
 
 from __future__ import annotations
@@ -10,45 +14,71 @@ from datetime import datetime, timedelta
 
 import redis
 
-from etl_tasks.runs import Unit
+from etl_tasks.runs.state import Unit
+
+MARKER = "etl:marker"  # present while Redis holds the checkpoints; gone when it lost them
+
+
+def _key(source: str) -> str:
+    return f"etl:checkpoint:{source}"
+
+
+def _text(value: bytes | str | None) -> str | None:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def intact(r: redis.Redis) -> bool:
+    """False when Redis lost its data (or never had any): rebuild before planning."""
+    return bool(r.exists(MARKER))
 
 
 def key_high_water(r: redis.Redis, source: str) -> int:
-    value = r.hget(f"etl:checkpoint:{source}", "key")
+    value = r.hget(_key(source), "key")
     return int(value) if value is not None else 0
 
 
-def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str]) -> int:
-    """Move the key mark over the contiguous prefix of committed ranges; never backwards.
+def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str],
+                updated_to: str | None) -> int:
+    """Move the key mark over the contiguous prefix of the run's committed ranges.
 
-    Ranges load in parallel and commit in any order; a gap (a range not yet committed)
-    stops the mark so that a crash never skips rows.
+    Ranges load in parallel and commit in any order; a gap (a range not committed yet, or
+    dead-lettered) stops the mark, so a crash or poison range never skips rows. The first
+    advance of a source also sets its updated mark to the plan's UPDATED_AT maximum: the
+    ranges were read after it, so no later failure can hide an update below the mark.
     """
     mark = key_high_water(r, source)
-    for unit in units:
-        if unit.kind != "range" or unit.unit_id not in done:
+    ranges = [u for u in units if u.kind == "range"]
+    if not ranges or ranges[0].lo > mark + 1:
+        return mark  # this run's ranges do not start at the mark (an older run, a rebuild)
+    for unit in ranges:
+        if unit.unit_id not in done:
             break
         mark = max(mark, unit.hi)
-    r.hset(f"etl:checkpoint:{source}", "key", mark)
+    with r.pipeline() as p:
+        p.hset(_key(source), "key", mark)
+        if updated_to:
+            p.hsetnx(_key(source), "updated", updated_to)
+        p.execute()
     return mark
+
+
+def updated_mark(r: redis.Redis, source: str) -> datetime | None:
+    text = _text(r.hget(_key(source), "updated"))
+    return datetime.fromisoformat(text) if text else None
 
 
 def updated_since(r: redis.Redis, source: str, lookback_s: float) -> datetime | None:
     """Where the next UPDATED_AT window starts: the mark minus a look-back, because source
     transactions can commit out of timestamp order. Re-reading costs nothing: loads upsert."""
-    value = r.hget(f"etl:checkpoint:{source}", "updated")
-    if value is None:
-        return None
-    text = value.decode() if isinstance(value, bytes) else str(value)
-    return datetime.fromisoformat(text) - timedelta(seconds=lookback_s)
+    mark = updated_mark(r, source)
+    return None if mark is None else mark - timedelta(seconds=lookback_s)
 
 
 def advance_updated(r: redis.Redis, source: str, until_iso: str) -> None:
-    """Called when a run finished: every row updated up to `until_iso` is committed."""
-    current = r.hget(f"etl:checkpoint:{source}", "updated")
-    text = current.decode() if isinstance(current, bytes) else current
-    if text is None or datetime.fromisoformat(until_iso) > datetime.fromisoformat(str(text)):
-        r.hset(f"etl:checkpoint:{source}", "updated", until_iso)
+    """Called when a run ended with every update window committed."""
+    current = updated_mark(r, source)
+    if current is None or datetime.fromisoformat(until_iso) > current:
+        r.hset(_key(source), "updated", until_iso)
 
 
 def loaded_file_rows(r: redis.Redis, source: str, sha256: str) -> int | None:
@@ -61,5 +91,48 @@ def mark_file_loaded(r: redis.Redis, source: str, sha256: str, rows: int) -> Non
 
 
 def reset(r: redis.Redis, source: str) -> None:
-    """Forget a source's checkpoints (`etl run --full`); the ledger still prevents doubles."""
-    r.delete(f"etl:checkpoint:{source}", f"etl:files:{source}")
+    """Forget a source's checkpoints (`etl run --full`); the upsert still prevents doubles."""
+    r.delete(_key(source), f"etl:files:{source}")
+
+
+def prefix_mark(ranges: list[tuple[int, int, datetime | None]]) -> tuple[int, datetime | None]:
+    """The key mark and updated mark that committed ranges prove, from the ledger.
+
+    Ranges are planned contiguous from the mark + 1, so the key mark is the end of the union
+    of committed ranges that starts at key 1. The updated mark is the oldest version that
+    covers any key of that prefix (each key counts the newest run that read it whole): a
+    conservative choice that re-reads a little more after a rebuild, never less.
+    """
+    mark, points = 0, []
+    for lo, hi, version in sorted(ranges):
+        if lo > mark + 1:
+            break
+        if hi > mark:
+            points.append((max(lo, mark + 1), hi, version))
+            mark = hi
+    if not points:
+        return 0, None
+    newest: list[datetime | None] = []
+    for lo, hi, _ in points:
+        covering = [v for a, b, v in ranges if a <= lo and b >= hi]
+        dated = [v for v in covering if v is not None]
+        newest.append(max(dated) if dated else None)
+    known = [v for v in newest if v is not None]
+    return mark, (min(known) if known and len(known) == len(newest) else None)
+
+
+def restore(r: redis.Redis, source: str, key_mark: int, updated: datetime | None,
+            files: dict[str, int]) -> None:
+    """Write a source's checkpoints rebuilt from the ledger (replacing what Redis has)."""
+    with r.pipeline() as p:
+        p.delete(_key(source), f"etl:files:{source}")
+        p.hset(_key(source), "key", key_mark)
+        if updated is not None:
+            p.hset(_key(source), "updated", updated.isoformat())
+        if files:
+            p.hset(f"etl:files:{source}", mapping=files)  # type: ignore[arg-type]
+        p.execute()
+
+
+def mark_intact(r: redis.Redis) -> None:
+    r.set(MARKER, 1)

@@ -59,50 +59,82 @@ def demo_data(
               f"(manifest: {demo_dir / 'manifest.json'})")
 
 
-def _follow(handles: list, as_json: bool) -> list:  # type: ignore[type-arg]
-    """Show progress of the runs until each finishes; return their summaries."""
+def _follow(handles: list, as_json: bool) -> tuple[list, list[str]]:  # type: ignore[type-arg]
+    """Show progress of the runs until each ends; return their summaries and, for runs that
+    stopped making progress, what to do. Survives Redis restarts (it reconnects)."""
     summaries: dict[str, object] = {}
+    stalled: dict[str, str] = {}
+    stall_s = _settings().stall_s
+    unreachable_since: float | None = None
     with Progress(TextColumn("{task.description:<14}"), BarColumn(), MofNCompleteColumn(),
-                  TextColumn("chunks  {task.fields[rows]:>10,} rows"), TimeElapsedColumn(),
-                  console=err, transient=as_json, disable=as_json) as bar:
-        tasks = {h.run_id: bar.add_task(h.source, total=None, rows=0) for h in handles}
-        while len(summaries) < len(handles):
+                  TextColumn("chunks  {task.fields[rows]:>10,} rows {task.fields[note]}"),
+                  TimeElapsedColumn(), console=err, transient=as_json,
+                  disable=as_json) as bar:
+        tasks = {h.run_id: bar.add_task(h.source, total=None, rows=0, note="")
+                 for h in handles}
+        while len(summaries) + len(stalled) < len(handles):
             for h in handles:
-                if h.run_id in summaries:
+                if h.run_id in summaries or h.run_id in stalled:
                     continue
-                p = h.progress()
-                bar.update(tasks[h.run_id], completed=p["chunks_done"],
-                           total=p["chunks_total"] or None,
-                           rows=p["loaded"] + p["quarantined"])
-                summary = h.summary()
+                summary, p = h.poll()
                 if summary is not None:
                     summaries[h.run_id] = summary
-                    bar.update(tasks[h.run_id], total=max(p["chunks_total"], 1),
-                               completed=max(p["chunks_total"], 1))
+                    done = max(p["chunks_total"], 1) if p else 1
+                    bar.update(tasks[h.run_id], total=done, completed=done)
+                    continue
+                if p is None:  # Redis unreachable: say so, keep trying
+                    unreachable_since = unreachable_since or time.monotonic()
+                    waited = time.monotonic() - unreachable_since
+                    bar.update(tasks[h.run_id], note=f"(Redis unreachable {waited:.0f}s)")
+                    if waited > stall_s:
+                        stalled[h.run_id] = (f"{h.source}: Redis unreachable for {waited:.0f}s;"
+                                             f" follow the run again with `etl wait {h.run_id}`")
+                    continue
+                unreachable_since = None
+                idle = time.time() - p["last_progress_at"]
+                bar.update(tasks[h.run_id], completed=p["chunks_done"],
+                           total=p["chunks_total"] or None, rows=p["loaded"] + p["quarantined"],
+                           note=f"(no progress for {idle:.0f}s)" if idle > 15 else "")
+                if idle > stall_s:
+                    stalled[h.run_id] = (
+                        f"{h.source}: run {h.run_id} has made no progress for {idle:.0f}s "
+                        f"({p['status']}, {p['chunks_done']} of {p['chunks_total']} chunks); "
+                        "check that the fleet, the loader and beat are running, then follow "
+                        f"it with `etl wait {h.run_id}`")
             time.sleep(0.2)
-    return [summaries[h.run_id] for h in handles]
+    ordered = [summaries[h.run_id] for h in handles if h.run_id in summaries]
+    return ordered, list(stalled.values())
 
 
-def _report(summaries: list, as_json: bool) -> int:  # type: ignore[type-arg]
+def _report(summaries: list, stalled: list[str], *, as_json: bool) -> int:  # type: ignore[type-arg]
+    """Print the summaries; exit code 0 all finished, 1 some partial or failed, 3 stalled."""
     if as_json:
         print(json.dumps([s.public() for s in summaries], indent=2))
     else:
         table = Table(title="Run summary")
         for col in ("source", "status", "extracted", "loaded", "quarantined", "skipped",
-                    "duration s", "quality"):
+                    "dead-lettered", "duration s", "quality"):
             table.add_column(col, justify="left" if col in ("source", "status") else "right")
         for s in summaries:
             table.add_row(s.source, s.status, f"{s.extracted:,}", f"{s.loaded:,}",
-                          f"{s.quarantined:,}", f"{s.skipped:,}", f"{s.duration_s:.1f}",
+                          f"{s.quarantined:,}", f"{s.skipped:,}", f"{s.dead_lettered:,}",
+                          f"{s.duration_s:.1f}",
                           "-" if s.quality_score is None else f"{s.quality_score:.2%}")
         out.print(table)
         for s in summaries:
             if s.error:
                 err.print(f"[red]{s.source}: {s.error}[/red]")
+            for d in s.dead_letters:
+                err.print(f"[red]{s.source}: dead letter {d['dead_letter_id']} ({d['stage']} "
+                          f"{d['pointer']}, {d['attempts']} attempts): {d['reason']}[/red]")
             for f in s.files:
-                if f["status"] == "quarantined":
-                    err.print(f"[yellow]{s.source}: file {f['name']} quarantined: "
+                if f["status"] != "loaded":
+                    err.print(f"[yellow]{s.source}: file {f['name']} {f['status']}: "
                               f"{f['reason']}[/yellow]")
+    for message in stalled:
+        err.print(f"[red]{message}[/red]")
+    if stalled:
+        return 3
     return 0 if all(s.status == "finished" for s in summaries) else 1
 
 
@@ -134,9 +166,24 @@ def run(
                for name in names]
     if not wait:
         for h in handles:
-            out.print(f"{h.source}: run {h.run_id} enqueued")
+            out.print(f"{h.source}: run {h.run_id} enqueued (follow it: etl wait {h.run_id})")
         return
-    raise typer.Exit(_report(_follow(handles, as_json), as_json))
+    raise typer.Exit(_report(*_follow(handles, as_json), as_json=as_json))
+
+
+@cli.command("wait")
+def wait_cmd(
+    run_ids: Annotated[list[str], typer.Argument(help="Run ids (printed by `etl run`).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print summaries as JSON.")] = False,
+) -> None:
+    """Follow runs already started (by `etl run`, beat or a Python shell) to their end.
+
+    Exit code 0 when every run finished, 1 when one ended partial or failed, 3 when one
+    stopped making progress for ETL_STALL_S seconds."""
+    from etl_tasks.api import follow_run
+
+    handles = [follow_run(run_id) for run_id in run_ids]
+    raise typer.Exit(_report(*_follow(handles, as_json), as_json=as_json))
 
 
 @cli.command()
@@ -148,7 +195,8 @@ def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print summaries as JSON.")] = False,
 ) -> None:
     """The main job, end to end on the embedded defaults: demo data, a local Redis (unless
-    ETL_REDIS_URL is set), a worker fleet and the loader, one run of every source."""
+    ETL_REDIS_URL is set), a worker fleet, the loader and beat (the supervisor), one run of
+    every source."""
     from etl_tasks.celery import app, use_redis
     from etl_tasks.local_services import RedisServer, Worker, wait_for_workers
     from etl_tasks.resources import reset_resources
@@ -168,16 +216,17 @@ def demo(
                       f"{settings.data_dir / '.redis'})")
         logs = settings.data_dir / "logs"
         env = dict(os.environ)
-        for role, extra in (("fleet", ["--concurrency", str(fleet)]), ("loader", [])):
+        for role, extra in (("fleet", ["--concurrency", str(fleet)]), ("loader", []),
+                            ("beat", [])):
             started.append(Worker(role, env, logs / f"{role}.log", extra).start())
-        with err.status("Starting the worker fleet and the loader"):
+        with err.status("Starting the worker fleet, the loader and beat"):
             wait_for_workers(app.control, ["fleet-", "loader@"])
         err.print(f"Workers up (logs in {logs}); running every source")
         from etl_tasks.api import run_source
         from etl_tasks.resources import get_resources
 
         handles = [run_source(s.name) for s in get_resources().pipeline.sources]
-        code = _report(_follow(handles, as_json), as_json)
+        code = _report(*_follow(handles, as_json), as_json=as_json)
     finally:
         for proc in reversed(started):
             proc.stop()

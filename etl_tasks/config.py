@@ -55,10 +55,21 @@ class Settings(BaseSettings):
     """How long a task waits for a pooled connection before retrying later."""
     stage_ttl_s: int = Field(default=24 * 3600, ge=60)
     """Staged chunk payloads expire after this; a run must load within it."""
-    run_lock_ttl_s: int = Field(default=3600, ge=10)
-    """A source has at most one run in flight; the lock frees itself after this."""
+    run_lease_s: int = Field(default=600, ge=10)
+    """A source has at most one run in flight: a lease renewed while the run makes progress,
+    released when it ends; it frees itself after this long without progress."""
     task_time_limit_s: int = Field(default=900, ge=10)
     """Hard time limit of any task; the broker's visibility timeout is set well above it."""
+    overdue_s: float = Field(default=60.0, gt=0)
+    """Work with no progress for this long is sent again by the supervisor (harmless: every
+    step is idempotent). Must exceed the longest single step (one range, one file chunk)."""
+    supervise_every_s: float = Field(default=10.0, gt=0)
+    """How often beat runs the supervisor."""
+    max_attempts: int = Field(default=3, ge=1)
+    """A unit or chunk that fails (any non-transient error) or kills its worker more than
+    this many times becomes a dead letter; the rest of the run goes on."""
+    stall_s: float = Field(default=300.0, gt=0)
+    """A waiter (`etl run --wait`, `etl wait`) reports a run with no progress for this long."""
     sentry_dsn: SecretStr | None = None
     """Errors go to Sentry when set (task arguments and local variables are never sent)."""
 
@@ -71,7 +82,8 @@ class SourceConfig(BaseModel):
     location: str
     """Firebird: the table name. xml/excel: the inbox directory (`{data_dir}` is expanded)."""
     schedule: float | str = 300.0
-    """Seconds between runs, or a crontab expression like "*/15 * * * *"."""
+    """Seconds between runs, a crontab expression like "*/15 * * * *", or "manual" (runs
+    only when asked for: `etl run`, `run_source()`)."""
     chunk_size: int = Field(default=50_000, ge=1)
     """Rows per chunk: Firebird keys per range, file records per chunk."""
     target_table: str = ""

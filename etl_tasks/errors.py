@@ -44,3 +44,11 @@ class DataQualityError(EtlError):
     def __init__(self, message: str, *, source: str | None = None, failures: int = 0) -> None:
         self.failures = failures
         super().__init__(message, source=source)
+
+
+def safe_reason(exc: BaseException, where: str) -> str:
+    """A reason to store and show for a failure: an EtlError's own message (written to be
+    safe), else only the exception's type, because a library's message may quote a value."""
+    if isinstance(exc, EtlError):
+        return str(exc)
+    return f"{type(exc).__name__} in {where} (details in the worker log)"

@@ -1,29 +1,41 @@
-"""Thin Celery tasks over `pipeline`: ids in, small JSON out, never rows or patient data.
+"""Thin Celery tasks over the run steps: ids in, small JSON out, never rows or patient data.
 
-Retries come from `EtlTask` (transient errors only, exponential backoff with jitter, bounded);
-a failure that is not transient marks the run failed with a reason and is not retried.
+`EtlTask` owns what happens around a step: transient errors are retried by Celery with
+backoff and do not count as attempts; any other failure, or a start that never ended because
+the process died, counts as an attempt (kept in Redis, outside the message); past the limit
+the step becomes a dead letter and the rest of the run goes on.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from typing import Any
 
 import duckdb
 import redis
 from celery import Task
+from celery.exceptions import Retry
 from celery.signals import worker_process_init
 
-from etl_tasks import pipeline, runs
+from etl_tasks import checkpoints, pipeline
 from etl_tasks.celery import app
-from etl_tasks.errors import DataQualityError, EtlError, TransientError
+from etl_tasks.errors import DataQualityError, TransientError, safe_reason
 from etl_tasks.load import duckdb as store
-from etl_tasks.resources import get_resources, reset_resources
+from etl_tasks.resources import Resources, get_resources, reset_resources
+from etl_tasks.runs import dead_letters, items, lease, recovery, state, supervisor
+from etl_tasks.runs.finalize import finalize_run
+from etl_tasks.runs.plan import plan_run
+
+log = logging.getLogger(__name__)
 
 
 class EtlTask(Task):  # type: ignore[misc]
-    """Base of every task: what is retried, how, and what a final failure does to the run."""
+    """Base of every task: what is retried, how, and when work becomes a dead letter."""
 
     # A broker/stage store blip is transient by nature, whoever hits it.
     autoretry_for = (TransientError, redis.ConnectionError, redis.TimeoutError)
@@ -32,22 +44,105 @@ class EtlTask(Task):  # type: ignore[misc]
     retry_jitter = True
     max_retries = 8
     throws = (DataQualityError,)
+    stage: items.Stage | None = None  # the run step this task performs, if any
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.stage is None:
+            return super().__call__(*args, **kwargs)
+        run_id, item = args
+        res = get_resources()
+        r, stage = res.redis, self.stage
+        if _settled(r, run_id, stage, item):
+            return None
+        count = items.begin(r, run_id, stage, item)
+        limit = _limit(res, run_id, stage, item)
+        if count > limit:  # the earlier starts never ended: they killed their worker
+            reason = items.last_failure(r, run_id, stage, item) or (
+                f"killed its worker {count - 1} times (out of memory, a crash in a native "
+                "library, or the hard time limit)")
+            _dead_letter(res, run_id, stage, item, reason, count - 1)
+            return None
+        try:
+            result = super().__call__(*args, **kwargs)
+        except Retry as exc:
+            items.forgive(r, run_id, stage, item, _eta(exc.when))
+            raise
+        except Exception as exc:  # noqa: BLE001 - every failure is counted, then handled
+            reason = safe_reason(exc, self.name)
+            log.warning("%s %s of run %s failed (attempt %d of %d): %s", stage, item, run_id,
+                        count, limit, reason)
+            items.note_failure(r, run_id, stage, item, reason)
+            if count >= limit:
+                _dead_letter(res, run_id, stage, item, reason, count)
+                return None
+            countdown = min(2 ** count, 60)
+            items.retrying(r, run_id, stage, item, time.time() + countdown)
+            self.apply_async(args, countdown=countdown)
+            return None
+        items.settle(r, run_id, stage, item)
+        return result
+
+
+class PlanTask(EtlTask):
+    """The plan's failure is the run's: it is marked failed and its lease released."""
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
-        run_id = args[0] if args else kwargs.get("run_id")
-        if not run_id:
-            return
-        # EtlError messages are written to be safe to show; anything else shows its type only,
-        # because a library's message may quote a patient value.
-        reason = str(exc) if isinstance(exc, EtlError) else (
-            f"{type(exc).__name__} in {self.name} (see the worker log for the task id "
-            f"{task_id})")
+        run_id = (args[0] if args else None) or run_id_of(task_id)
         res = get_resources()
-        runs.fail(res.redis, run_id, reason)
-        source = runs.info(res.redis, run_id).get("source")
+        source = state.info(res.redis, run_id).get("source")
+        state.fail(res.redis, run_id, safe_reason(exc, self.name))
         if source:
-            runs.release_lock(res.redis, source, run_id)
+            lease.release(res.redis, source, run_id)
+
+
+def run_id_of(task_id: str) -> str:
+    """A beat-started run's id, derived from its plan task's id: a redelivered or retried
+    plan keeps the same run (and so its own lease)."""
+    try:
+        return uuid.UUID(task_id).hex
+    except ValueError:
+        return uuid.uuid5(uuid.NAMESPACE_URL, task_id).hex
+
+
+def _settled(r: redis.Redis, run_id: str, stage: str, item: str) -> bool:
+    """A message for work that no longer needs doing (lost run, ended run, dead work)."""
+    status = state.status(r, run_id)
+    if status is None:
+        log.warning("run %s is unknown (its state was lost); %s of %s dropped", run_id,
+                    stage, item)
+        return True
+    if stage == "extract":
+        return item in state.dead_units(r, run_id) or status in state.ENDED
+    return item in state.dead_chunks(r, run_id) or (stage != "load" and status in state.ENDED)
+
+
+def _limit(res: Resources, run_id: str, stage: str, item: str) -> int:
+    r = res.redis
+    unit_id = item if stage == "extract" else (state.unit_of(r, run_id, item) or item)
+    try:
+        return state.unit(r, run_id, unit_id).max_attempts or res.settings.max_attempts
+    except KeyError:
+        return res.settings.max_attempts
+
+
+def _dead_letter(res: Resources, run_id: str, stage: items.Stage, item: str, reason: str,
+                 attempts: int) -> None:
+    r = res.redis
+    source = state.info(r, run_id)["source"]
+    unit_id = item if stage == "extract" else (state.unit_of(r, run_id, item) or item)
+    entry = dead_letters.record(r, run_id, source, stage, item, state.unit(r, run_id, unit_id),
+                                reason, attempts)
+    log.error("run %s: %s of %s dead-lettered after %d attempts (%s): %s", run_id, stage, item,
+              attempts, entry["dead_letter_id"], reason)
+    state.touch(r, run_id)
+    CELERY.finalize(run_id)
+
+
+def _eta(when: Any) -> float:
+    if isinstance(when, datetime):
+        return when.timestamp()
+    return time.time() + (float(when) if isinstance(when, int | float) else 0.0)
 
 
 @contextmanager
@@ -66,56 +161,92 @@ def _fresh_process(**_: Any) -> None:
     reset_resources()  # connections never cross a fork
 
 
-@app.task(base=EtlTask, name="etl.plan.run_source")
-def run_source(run_id: str | None, source: str) -> str:
+@app.task(base=PlanTask, bind=True, name="etl.plan.run_source")
+def plan_source(self: Task, run_id: str | None, source: str) -> str:
     """Plan a run of `source` and fan its units out to the fleet; returns the run id."""
     res = get_resources()
-    if run_id is None:  # from beat: the run gets its id here
-        run_id = runs.new_run_id()
-    runs.create(res.redis, run_id, source)
-    pipeline.plan_run(res, run_id, source, _send_extract, _send_finalize)
+    if run_id is None:  # from beat: the run's id comes from this task's id
+        run_id = run_id_of(self.request.id)
+        state.create(res.redis, run_id, source, origin="beat")
+    if not checkpoints.intact(res.redis):
+        # Redis lost its data: the loader rebuilds the checkpoints first, then plans again.
+        log.warning("checkpoints missing in Redis; rebuilding them from the ledger first")
+        (rebuild_state.si() | plan_source.si(run_id, source)).apply_async()
+        return run_id
+    plan_run(res, run_id, source, CELERY.extract, CELERY.finalize)
     return run_id
 
 
-@app.task(base=EtlTask, name="etl.extract.unit")
-def extract_unit(run_id: str, unit_id: str) -> int:
+@app.task(base=EtlTask, name="etl.extract.unit", stage="extract")
+def extract_task(run_id: str, unit_id: str) -> int:
     """Read one key range or one file into staged chunks; returns rows read."""
-    return pipeline.extract_unit(get_resources(), run_id, unit_id, _send_chunk, _send_finalize)
+    return pipeline.extract_unit(get_resources(), run_id, unit_id, CELERY)
 
 
-@app.task(base=EtlTask, name="etl.transform.chunk")
-def transform_chunk(run_id: str, chunk_id: str) -> list[int]:
-    """Validate one staged chunk; returns [valid rows, quarantined rows]."""
-    return list(pipeline.transform_staged(get_resources(), run_id, chunk_id))
+@app.task(base=EtlTask, name="etl.transform.chunk", stage="transform")
+def transform_task(run_id: str, chunk_id: str) -> int:
+    """Validate one staged chunk into valid and quarantined rows; returns rows."""
+    return pipeline.transform_staged(get_resources(), run_id, chunk_id, CELERY)
 
 
-@app.task(base=EtlTask, name="etl.load.chunk")
-def load_chunk(run_id: str, chunk_id: str) -> dict[str, Any]:
+@app.task(base=EtlTask, name="etl.load.chunk", stage="load")
+def load_task(run_id: str, chunk_id: str) -> dict[str, Any] | None:
     """Commit one chunk to DuckDB (the single writer); returns its counts."""
     with _duckdb() as con:
-        result = pipeline.load_staged(get_resources(), con, run_id, chunk_id)
+        result = pipeline.load_staged(get_resources(), con, run_id, chunk_id, CELERY)
+    if result is None:
+        return None
     return {"loaded": result.loaded, "quarantined": result.quarantined,
             "already_loaded": result.already_loaded}
 
 
 @app.task(base=EtlTask, name="etl.load.finalize")
-def finalize_run(run_id: str) -> bool:
-    """Finalize a run whose every chunk is in the ledger; returns whether it did."""
+def finalize_task(run_id: str) -> str | None:
+    """Finalize a run whose every chunk is settled; returns its status, None if not yet."""
     res = get_resources()
-    if not runs.is_complete(res.redis, run_id):
-        return False
+    if not state.is_complete(res.redis, run_id):
+        return None
     with _duckdb() as con:
-        pipeline.finalize_run(res, con, run_id)
-    return True
+        summary = finalize_run(res, con, run_id)
+    return summary.status if summary else None
 
 
-def _send_extract(run_id: str, unit_id: str) -> None:
-    extract_unit.apply_async((run_id, unit_id))
+@app.task(base=EtlTask, name="etl.load.rebuild_state")
+def rebuild_state() -> dict[str, int]:
+    """Rebuild checkpoints from the ledger after Redis lost its data; returns key marks."""
+    with _duckdb() as con:
+        return recovery.rebuild_state(get_resources(), con)
 
 
-def _send_chunk(run_id: str, chunk_id: str) -> None:
-    (transform_chunk.si(run_id, chunk_id) | load_chunk.si(run_id, chunk_id)).apply_async()
+@app.task(base=EtlTask, name="etl.control.supervise")
+def supervise_task() -> dict[str, Any]:
+    """Send again what is overdue in every active run; returns what it did (ids only)."""
+    report = supervisor.supervise(get_resources(), CELERY)
+    return {"runs": report.runs, "resent": report.resent, "finalized": report.finalized}
 
 
-def _send_finalize(run_id: str) -> None:
-    finalize_run.apply_async((run_id,))
+class CeleryDispatch(supervisor.Sender):
+    """Sends the next step as a task message, noting it for the supervisor first."""
+
+    def extract(self, run_id: str, unit_id: str) -> None:
+        self.step("extract", run_id, unit_id)
+
+    def transform(self, run_id: str, chunk_id: str) -> None:
+        self.step("transform", run_id, chunk_id)
+
+    def load(self, run_id: str, chunk_id: str) -> None:
+        self.step("load", run_id, chunk_id)
+
+    def step(self, stage: str, run_id: str, item: str) -> None:
+        items.sent(get_resources().redis, run_id, stage, item)  # type: ignore[arg-type]
+        STEP_TASKS[stage].apply_async((run_id, item))
+
+    def finalize(self, run_id: str) -> None:
+        finalize_task.apply_async((run_id,))
+
+    def plan(self, run_id: str, source: str) -> None:
+        plan_source.apply_async((run_id, source))
+
+
+STEP_TASKS = {"extract": extract_task, "transform": transform_task, "load": load_task}
+CELERY = CeleryDispatch()

@@ -2,7 +2,7 @@
 
     python -m workers.fleet [extra celery worker options, e.g. --concurrency 4]
 
-is exactly `celery -A etl_tasks worker -Q extract,transform`.
+is exactly `celery -A etl_tasks worker -Q extract,transform,control`.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import sys
 
 from etl_tasks import app
 
-ARGV = ["worker", "-Q", "extract,transform", "-n", f"fleet-{os.getpid()}@{socket.gethostname()}",
-        "--loglevel", "INFO"]
+ARGV = ["worker", "-Q", "extract,transform,control", "-n",
+        f"fleet-{os.getpid()}@{socket.gethostname()}", "--loglevel", "INFO"]
 
 
 def main(extra: list[str] | None = None) -> None:

@@ -2,7 +2,7 @@
 
     python -m workers.loader
 
-is exactly `celery -A etl_tasks worker -Q load --concurrency 1`.
+is exactly `celery -A etl_tasks worker -Q load,control --concurrency 1`.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import sys
 
 from etl_tasks import app
 
-ARGV = ["worker", "-Q", "load", "--concurrency", "1", "-n", f"loader@{socket.gethostname()}",
-        "--loglevel", "INFO"]
+ARGV = ["worker", "-Q", "load,control", "--concurrency", "1", "-n",
+        f"loader@{socket.gethostname()}", "--loglevel", "INFO"]
 
 
 def main(extra: list[str] | None = None) -> None:

@@ -8,8 +8,9 @@ upserted on the dataset's key, the newer version winning, so a re-read never dou
 from __future__ import annotations
 
 import contextlib
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,16 @@ KEYS: dict[str, TableKey] = {
 }
 
 _DDL = [
+    # One row per committed chunk of a run. Keyed by run and chunk: a redelivery within a run
+    # is a no-op, while a later run re-reading the same range loads what changed (the upsert
+    # keeps it from doubling). The unit columns let checkpoints be rebuilt from the ledger.
     """CREATE TABLE IF NOT EXISTS etl_load_ledger (
-        chunk_id VARCHAR PRIMARY KEY, run_id VARCHAR NOT NULL, source VARCHAR NOT NULL,
+        run_id VARCHAR NOT NULL, chunk_id VARCHAR NOT NULL, source VARCHAR NOT NULL,
         target_table VARCHAR NOT NULL, rows_loaded BIGINT NOT NULL,
         rows_quarantined BIGINT NOT NULL, rows_unchanged BIGINT NOT NULL,
-        loaded_at TIMESTAMPTZ NOT NULL DEFAULT now())""",
+        unit_id VARCHAR, kind VARCHAR, key_lo BIGINT, key_hi BIGINT, file_sha256 VARCHAR,
+        unit_chunks INTEGER, source_version TIMESTAMP,
+        loaded_at TIMESTAMPTZ NOT NULL DEFAULT now(), PRIMARY KEY (run_id, chunk_id))""",
     """CREATE TABLE IF NOT EXISTS etl_quarantine (
         source VARCHAR NOT NULL, run_id VARCHAR NOT NULL, chunk_id VARCHAR NOT NULL,
         source_ref VARCHAR NOT NULL, reasons VARCHAR NOT NULL, raw VARCHAR,
@@ -49,9 +55,33 @@ _DDL = [
         started_at TIMESTAMPTZ, finished_at TIMESTAMPTZ, extracted BIGINT, loaded BIGINT,
         quarantined BIGINT, skipped BIGINT, duration_s DOUBLE, quality_score DOUBLE,
         error VARCHAR)""",
-    # Stores made before the column existed (0.1.0 development builds).
-    "ALTER TABLE etl_load_ledger ADD COLUMN IF NOT EXISTS rows_unchanged BIGINT DEFAULT 0",
+    "ALTER TABLE etl_runs ADD COLUMN IF NOT EXISTS dead_lettered BIGINT DEFAULT 0",
+    """CREATE TABLE IF NOT EXISTS etl_dead_letters (
+        dead_letter_id VARCHAR PRIMARY KEY, run_id VARCHAR NOT NULL, source VARCHAR NOT NULL,
+        stage VARCHAR NOT NULL, item_id VARCHAR NOT NULL, unit_id VARCHAR NOT NULL,
+        kind VARCHAR NOT NULL, key_lo BIGINT, key_hi BIGINT, since VARCHAR, until VARCHAR,
+        path VARCHAR, sha256 VARCHAR, pointer VARCHAR NOT NULL, reason VARCHAR NOT NULL,
+        attempts INTEGER NOT NULL, status VARCHAR NOT NULL, created_at TIMESTAMPTZ NOT NULL,
+        resolved_at TIMESTAMPTZ, resolved_by VARCHAR)""",
 ]
+_DEAD_LETTER_COLUMNS = ("dead_letter_id", "run_id", "source", "stage", "item", "unit_id", "kind",
+                        "key_lo", "key_hi", "since", "until", "path", "sha256", "pointer",
+                        "reason", "attempts")
+
+
+@dataclass(frozen=True)
+class LedgerEntry:
+    """What the ledger row of a chunk records besides its counts: which work it was."""
+
+    run_id: str
+    chunk_id: str
+    unit_id: str
+    kind: str
+    key_lo: int | None = None
+    key_hi: int | None = None
+    file_sha256: str | None = None
+    unit_chunks: int = 1
+    source_version: str | None = None  # the source's max UPDATED_AT when the run was planned
 
 
 @dataclass(frozen=True)
@@ -67,11 +97,23 @@ def connect(path: Path) -> duckdb.DuckDBPyConnection:
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         con = duckdb.connect(str(path))
+        _migrate(con)
         for ddl in _DDL:
             con.execute(ddl)
     except Exception as exc:
         raise classify(exc) from exc
     return con
+
+
+def _migrate(con: duckdb.DuckDBPyConnection) -> None:
+    # 0.1.0 development builds keyed the ledger by chunk id alone; keep that table aside
+    # (nothing is deleted) and start the run-scoped ledger beside it.
+    old = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                      "'etl_load_ledger' AND column_name = 'chunk_id'").fetchone()
+    new = con.execute("SELECT count(*) FROM information_schema.columns WHERE table_name = "
+                      "'etl_load_ledger' AND column_name = 'unit_id'").fetchone()
+    if old and old[0] and not (new and new[0]):
+        con.execute("ALTER TABLE etl_load_ledger RENAME TO etl_load_ledger_v1")
 
 
 def ensure_table(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) -> None:
@@ -82,14 +124,18 @@ def ensure_table(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) 
 
 
 def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, dataset: str,
-                run_id: str, chunk_id: str, valid: pa.Table,
-                quarantined: pa.Table) -> WriteResult:
-    """Commit one chunk atomically, or do nothing when its ledger row already exists."""
+                entry: LedgerEntry, valid: pa.Table, quarantined: pa.Table,
+                fault: Callable[[str], None] = lambda _: None) -> WriteResult:
+    """Commit one chunk atomically, or do nothing when its ledger row already exists.
+
+    `fault` is called at the `before_commit` and `after_commit` windows (fault points).
+    """
     key = KEYS[dataset]
+    run_id, chunk_id = entry.run_id, entry.chunk_id
     try:
         con.begin()
-        if con.execute("SELECT 1 FROM etl_load_ledger WHERE chunk_id = ?",
-                       [chunk_id]).fetchone():
+        if con.execute("SELECT 1 FROM etl_load_ledger WHERE run_id = ? AND chunk_id = ?",
+                       [run_id, chunk_id]).fetchone():
             con.rollback()
             return WriteResult(0, 0, already_loaded=True)
         ensure_table(con, table, valid.schema)
@@ -114,11 +160,16 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
         loaded = int(inserted[0]) if inserted else 0
         held_count = int(held[0]) if held else 0
         unchanged = valid.num_rows - loaded + quarantined.num_rows - held_count
-        con.execute("INSERT INTO etl_load_ledger (chunk_id, run_id, source, target_table, "
-                    "rows_loaded, rows_quarantined, rows_unchanged, loaded_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, now())",
-                    [chunk_id, run_id, source, table, loaded, held_count, unchanged])
+        con.execute("INSERT INTO etl_load_ledger (run_id, chunk_id, source, target_table, "
+                    "rows_loaded, rows_quarantined, rows_unchanged, unit_id, kind, key_lo, "
+                    "key_hi, file_sha256, unit_chunks, source_version, loaded_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                    [run_id, chunk_id, source, table, loaded, held_count, unchanged,
+                     entry.unit_id, entry.kind, entry.key_lo, entry.key_hi, entry.file_sha256,
+                     entry.unit_chunks, entry.source_version])
+        fault("before_commit")
         con.commit()
+        fault("after_commit")
     except Exception as exc:
         _rollback_quietly(con)
         raise classify(exc) from exc
@@ -128,27 +179,94 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
     return WriteResult(loaded, held_count, already_loaded=False, unchanged=unchanged)
 
 
-def ledger_rows(con: duckdb.DuckDBPyConnection, chunk_ids: list[str]) -> dict[str, Any]:
-    """Ledger entries: chunk id -> (run_id, rows_loaded, rows_quarantined, rows_unchanged)."""
-    if not chunk_ids:
-        return {}
-    ids = pa.table({"chunk_id": pa.array(chunk_ids, pa.string())})  # noqa: F841 - scanned
-    rows = con.execute("SELECT l.chunk_id, run_id, rows_loaded, rows_quarantined, "
-                       "rows_unchanged FROM etl_load_ledger l JOIN ids USING (chunk_id)"
-                       ).fetchall()
-    return {row[0]: row[1:] for row in rows}
+def is_committed(con: duckdb.DuckDBPyConnection, run_id: str, chunk_id: str) -> bool:
+    return con.execute("SELECT 1 FROM etl_load_ledger WHERE run_id = ? AND chunk_id = ?",
+                       [run_id, chunk_id]).fetchone() is not None
+
+
+def ledger_rows(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, tuple[int, int, int]]:
+    """A run's ledger: chunk id -> (rows_loaded, rows_quarantined, rows_unchanged)."""
+    rows = con.execute("SELECT chunk_id, rows_loaded, rows_quarantined, rows_unchanged "
+                       "FROM etl_load_ledger WHERE run_id = ?", [run_id]).fetchall()
+    return {row[0]: (int(row[1]), int(row[2]), int(row[3])) for row in rows}
 
 
 def record_run(con: duckdb.DuckDBPyConnection, summary: dict[str, Any],
                started_at: float, finished_at: float) -> None:
     """Write the run's metrics row (idempotent on run id)."""
     con.execute(
-        "INSERT OR REPLACE INTO etl_runs VALUES (?, ?, ?, to_timestamp(?), to_timestamp(?), "
-        "?, ?, ?, ?, ?, ?, ?)",
+        "INSERT OR REPLACE INTO etl_runs (run_id, source, status, started_at, finished_at, "
+        "extracted, loaded, quarantined, skipped, duration_s, quality_score, error, "
+        "dead_lettered) VALUES (?, ?, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?, ?, ?, "
+        "?, ?)",
         [summary["run_id"], summary["source"], summary["status"], started_at, finished_at,
          summary["extracted"], summary["loaded"], summary["quarantined"], summary["skipped"],
-         summary["duration_s"], summary["quality_score"],
-         json.dumps(summary.get("error")) if summary.get("error") else None])
+         summary["duration_s"], summary["quality_score"], summary.get("error"),
+         summary.get("dead_lettered", 0)])
+
+
+def record_dead_letters(con: duckdb.DuckDBPyConnection, entries: list[dict[str, Any]]) -> None:
+    """Keep a run's dead letters durably (idempotent on their ids)."""
+    for e in entries:
+        con.execute(
+            "INSERT OR IGNORE INTO etl_dead_letters (dead_letter_id, run_id, source, stage, "
+            "item_id, unit_id, kind, key_lo, key_hi, since, until, path, sha256, pointer, "
+            "reason, attempts, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
+            "?, ?, ?, ?, 'open', to_timestamp(?))",
+            [e[c] for c in _DEAD_LETTER_COLUMNS] + [e["created_at"]])
+
+
+def resolve_dead_letters(con: duckdb.DuckDBPyConnection, ids: list[str], run_id: str) -> None:
+    for dead_letter_id in ids:
+        con.execute("UPDATE etl_dead_letters SET status = 'resolved', resolved_at = now(), "
+                    "resolved_by = ? WHERE dead_letter_id = ? AND status = 'open'",
+                    [run_id, dead_letter_id])
+
+
+def dead_letters(con: duckdb.DuckDBPyConnection, source: str | None = None,
+                 status: str | None = "open") -> list[dict[str, Any]]:
+    """Dead letters as dicts (the shape `etl dead-letters --json` prints), newest first."""
+    where, params = [], []
+    if source:
+        where.append("source = ?")
+        params.append(source)
+    if status:
+        where.append("status = ?")
+        params.append(status)
+    cur = con.execute(
+        "SELECT dead_letter_id, run_id, source, stage, item_id AS item, unit_id, kind, key_lo, "
+        "key_hi, since, until, path, sha256, pointer, reason, attempts, status, "
+        "epoch(created_at) AS created_at, resolved_by FROM etl_dead_letters"
+        + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created_at DESC",
+        params)
+    names = [d[0] for d in cur.description]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def committed_ranges(con: duckdb.DuckDBPyConnection,
+                     source: str) -> list[tuple[int, int, datetime | None]]:
+    """Key ranges fully read and committed for `source`: (lo, hi, source version)."""
+    rows = con.execute("SELECT key_lo, key_hi, source_version FROM etl_load_ledger WHERE "
+                       "source = ? AND kind = 'range' ORDER BY key_lo", [source]).fetchall()
+    return [(int(lo), int(hi), version) for lo, hi, version in rows]
+
+
+def loaded_files(con: duckdb.DuckDBPyConnection, source: str) -> dict[str, int]:
+    """Content hashes of files some run committed whole, with their rows."""
+    rows = con.execute(
+        "SELECT file_sha256, max(total) FROM (SELECT run_id, file_sha256, count(*) AS chunks, "
+        "max(unit_chunks) AS expected, sum(rows_loaded + rows_quarantined + rows_unchanged) "
+        "AS total FROM etl_load_ledger WHERE source = ? AND kind = 'file' "
+        "GROUP BY run_id, file_sha256) WHERE chunks >= expected GROUP BY file_sha256",
+        [source]).fetchall()
+    return {sha: int(total) for sha, total in rows}
+
+
+def runs_without_record(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]:
+    """(run_id, source) of runs that committed chunks but were never recorded as ended."""
+    return [(str(a), str(b)) for a, b in con.execute(
+        "SELECT DISTINCT l.run_id, l.source FROM etl_load_ledger l "
+        "LEFT JOIN etl_runs r USING (run_id) WHERE r.run_id IS NULL").fetchall()]
 
 
 def classify(exc: BaseException) -> EtlError:

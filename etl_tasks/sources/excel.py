@@ -130,6 +130,10 @@ _CSV_DELIMITERS = (",", ";", "\t")
 _CSV_ENCODINGS = {"utf-8-sig": "UTF-8", "cp1252": "Windows-1252", "utf-16": "UTF-16"}
 
 
+# Schema metadata key of batches read from the last good copy; its value is the reason.
+RECOVERED = "etl.recovered"
+
+
 def iter_batches(
     path: Path,
     *,
@@ -232,8 +236,13 @@ def _read(path: Path, batch_rows: int, source: str, options: _Options) -> Iterat
             failures.append((name, exc.reason))
             continue
         log.info("%s: strategy %s succeeded; reading %s", path.name, name, located.ref_prefix)
+        # Never a silent swap: batches answered by the last good copy say so, and why.
+        recovered = (f"the upload could not be read ({_summary(failures)}); its last good "
+                     f"copy was loaded instead" if name == "last good copy" else None)
         try:
-            yield from _batches(located, batch_rows)
+            for batch in _batches(located, batch_rows):
+                yield (batch.replace_schema_metadata({RECOVERED: recovered})
+                       if recovered else batch)
         finally:
             located.close()
         return

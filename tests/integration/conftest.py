@@ -33,6 +33,7 @@ chunk_size = 4000
 name = "lab_results"
 kind = "xml"
 location = "{{data_dir}}/demo/lab_feeds"
+schedule = "manual"
 chunk_size = 150
 settle_s = 1
 
@@ -40,6 +41,7 @@ settle_s = 1
 name = "registrations"
 kind = "excel"
 location = "{{data_dir}}/demo/registrations"
+schedule = "manual"
 chunk_size = 100
 settle_s = 1
 """
@@ -102,7 +104,7 @@ def _set_env(env: dict[str, str]) -> None:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     root = tmp_path_factory.mktemp("stack")
     redis_server = RedisServer(root / "redis").start()
-    (root / "pipeline.toml").write_text(PIPELINE.format(billing_schedule=300))
+    (root / "pipeline.toml").write_text(PIPELINE.format(billing_schedule='"manual"'))
     env = {
         **os.environ,
         "ETL_REDIS_URL": redis_server.url,
@@ -112,6 +114,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "ETL_FIREBIRD_RUNTIME_DIR": str(root / "data" / ".firebird"),
         "ETL_PIPELINE_CONFIG": str(root / "pipeline.toml"),
         "ETL_STAGE_TTL_S": "3600",
+        "ETL_OVERDUE_S": "20",
+        "ETL_SUPERVISE_EVERY_S": "2",
     }
     saved = dict(os.environ)
     _set_env(env)
@@ -121,6 +125,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s = Stack(root, env, redis_server, manifest, {})
     s.start_worker("fleet", "fleet", "--concurrency", "2")
     s.start_worker("loader")
+    s.start_worker("beat")  # the supervisor's schedule
     wait_for_workers(app.control, ["fleet-", "loader@"])
     try:
         yield s

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from etl_tasks import runs
+from etl_tasks.runs import state as runs
 from etl_tasks.api import run_source
 from etl_tasks.demo_data import generate_claims
 from etl_tasks.resources import get_resources
@@ -79,16 +79,16 @@ def test_quarantine_names_the_rule_and_points_at_the_source_row(env, first_runs)
 
 def test_same_load_message_twice_changes_nothing(env, first_runs):
     """Redelivering a committed chunk's load message is a no-op reported as already loaded."""
-    from etl_tasks.tasks import load_chunk
+    from etl_tasks.tasks import load_task
 
     summary = first_runs["billing"]
     chunk_id = sorted(runs.chunk_rows(get_resources().redis, summary.run_id))[0]
     before = env.query("SELECT count(*), sum(amount) FROM billing_claims")
-    result = load_chunk.apply_async((summary.run_id, chunk_id)).get(timeout=60)
+    result = load_task.apply_async((summary.run_id, chunk_id)).get(timeout=60)
     assert result["already_loaded"] is True
     assert env.query("SELECT count(*), sum(amount) FROM billing_claims") == before
-    [(ledger,)] = env.query("SELECT count(*) FROM etl_load_ledger WHERE chunk_id = ?",
-                            [chunk_id])
+    [(ledger,)] = env.query("SELECT count(*) FROM etl_load_ledger WHERE run_id = ? AND "
+                            "chunk_id = ?", [summary.run_id, chunk_id])
     assert ledger == 1
 
 

@@ -13,7 +13,7 @@ from base64 import b64encode
 
 import pytest
 
-from etl_tasks import runs
+from etl_tasks.runs import state as runs
 from etl_tasks.api import run_source
 from etl_tasks.celery import app
 from etl_tasks.demo_data import generate_claims

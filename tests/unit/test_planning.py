@@ -10,7 +10,7 @@ from beat_schedule import build_schedule
 from etl_tasks import staging
 from etl_tasks.config import PipelineConfig, Settings, SourceConfig, load_pipeline
 from etl_tasks.errors import FatalError, TransientError
-from etl_tasks.pipeline import plan_ranges
+from etl_tasks.runs.plan import plan_ranges
 from etl_tasks.sources import firebird
 from etl_tasks.sources.firebird import FirebirdTarget
 
@@ -33,10 +33,11 @@ def test_ranges_are_deterministic_and_empty_without_new_rows():
     assert plan_ranges(_billing(), 1000, None) == []
 
 
-def test_ranges_start_at_the_first_existing_key():
-    """A table whose keys start high is not planned as thousands of empty ranges."""
+def test_ranges_start_right_after_the_mark_and_are_cut_from_the_first_existing_key():
+    """A table whose keys start high is not planned as thousands of empty ranges, and the
+    first range starts right after the mark, so committed ranges are contiguous from key 1."""
     units = plan_ranges(_billing(100), after=0, bounds=(10_001, 10_150))
-    assert [(u.lo, u.hi) for u in units] == [(10_001, 10_100), (10_101, 10_150)]
+    assert [(u.lo, u.hi) for u in units] == [(1, 10_100), (10_101, 10_150)]
 
 
 def test_packaged_pipeline_names_the_three_sources():
@@ -78,6 +79,32 @@ def test_beat_schedule_has_one_entry_per_source_with_its_schedule():
     assert schedule["run-billing"]["schedule"] == 300.0
     assert schedule["run-billing"]["args"] == (None, "billing")
     assert isinstance(schedule["run-labs"]["schedule"], crontab)
+
+
+def test_beat_schedule_runs_the_supervisor_and_leaves_manual_sources_out():
+    """The supervisor is scheduled at ETL_SUPERVISE_EVERY_S; a "manual" source is not."""
+    config = PipelineConfig(sources=[
+        _billing(), SourceConfig(name="labs", kind="xml", location="in", schedule="manual")])
+    schedule = build_schedule(config, Settings(supervise_every_s=7))
+    assert schedule["supervise"]["task"] == "etl.control.supervise"
+    assert schedule["supervise"]["schedule"] == 7
+    assert "run-labs" not in schedule
+    assert "run-billing" in schedule
+
+
+def test_key_mark_rebuilt_from_the_ledger_stops_at_the_first_gap():
+    """Committed ranges prove the mark up to the first gap, and the oldest covering version."""
+    from datetime import datetime
+
+    from etl_tasks.checkpoints import prefix_mark
+
+    old, new = datetime(2026, 1, 1), datetime(2026, 2, 1)
+    # 1-100 read by two runs (the newer counts), 101-200 by the old one, 301-400 after a gap.
+    ranges = [(1, 100, old), (1, 100, new), (101, 200, old), (301, 400, new)]
+    assert prefix_mark(ranges) == (200, old)
+    assert prefix_mark([(1, 100, new), (101, 200, new)]) == (200, new)
+    assert prefix_mark([(101, 200, new)]) == (0, None)  # never read from the start
+    assert prefix_mark([]) == (0, None)
 
 
 def test_staged_payload_round_trips_arrow_exactly():

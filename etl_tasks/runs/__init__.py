@@ -1,0 +1,1 @@
+"""Runs: plan, state, work items and dead letters, supervisor, finalize, recovery."""
