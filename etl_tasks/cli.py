@@ -186,6 +186,99 @@ def wait_cmd(
     raise typer.Exit(_report(*_follow(handles, as_json), as_json=as_json))
 
 
+@cli.command("dead-letters")
+def dead_letters_cmd(
+    source: Annotated[str | None, typer.Option(help="Only this source.")] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="Resolved ones too.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print them as JSON.")] = False,
+) -> None:
+    """List dead letters: work that failed or killed its worker more than ETL_MAX_ATTEMPTS
+    times. Each names the source pointer (key range or file) and the reason, never a row.
+    Later runs try open ones again once; `etl retry ID` sends one now."""
+    from etl_tasks.load import duckdb as store
+    from etl_tasks.resources import get_resources
+    from etl_tasks.runs import dead_letters
+
+    res = get_resources()
+    found: dict[str, dict[str, object]] = {}
+    if res.settings.duckdb_path.exists():
+        with store.read_only(res.settings.duckdb_path) as con:
+            if con.execute("SELECT count(*) FROM information_schema.tables WHERE table_name = "
+                           "'etl_dead_letters'").fetchone() != (0,):
+                for entry in store.dead_letters(con, source, None if show_all else "open"):
+                    found[str(entry["dead_letter_id"])] = entry
+    names = [source] if source else [s.name for s in res.pipeline.sources]
+    for name in names:  # letters of runs still in flight are in Redis only
+        for entry in dead_letters.open_letters(res.redis, name):
+            found.setdefault(entry["dead_letter_id"], {**entry, "status": "open"})
+    letters = sorted(found.values(), key=lambda e: -float(e["created_at"]))  # type: ignore[arg-type]
+    if as_json:
+        print(json.dumps(letters, indent=2, default=str))
+        return
+    if not letters:
+        out.print("No dead letters.")
+        return
+    table = Table(title="Dead letters")
+    for col in ("id", "source", "status", "stage", "where", "attempts", "reason"):
+        table.add_column(col)
+    for e in letters:
+        table.add_row(str(e["dead_letter_id"]), str(e["source"]), str(e["status"]),
+                      str(e["stage"]), str(e["pointer"]), str(e["attempts"]), str(e["reason"]))
+    out.print(table)
+
+
+@cli.command()
+def retry(
+    dead_letter_id: Annotated[str, typer.Argument(help="An id from `etl dead-letters`.")],
+    wait: Annotated[bool, typer.Option(help="Follow the run to the end.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the summary as JSON.")] = False,
+) -> None:
+    """Send one dead letter's work again, as a run of its own (with fresh attempts). The dead
+    letter is resolved when that run loads it."""
+    from etl_tasks.api import retry_dead_letter
+
+    handle = retry_dead_letter(dead_letter_id)
+    if not wait:
+        out.print(f"{handle.source}: run {handle.run_id} enqueued (follow it: etl wait "
+                  f"{handle.run_id})")
+        return
+    raise typer.Exit(_report(*_follow([handle], as_json), as_json=as_json))
+
+
+@cli.command()
+def reconcile(
+    sources: Annotated[list[str] | None, typer.Argument(help="Sources (default: all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print balances as JSON.")] = False,
+) -> None:
+    """Check that every source row is loaded, quarantined, dead-lettered or waiting, counted
+    independently (the Firebird table itself; the records of processed files), and that
+    each recent run's counts add up. Exit code 1 when something is unexplained."""
+    from etl_tasks.load import duckdb as store
+    from etl_tasks.reconcile import reconcile as balance_of
+    from etl_tasks.resources import get_resources
+
+    res = get_resources()
+    chosen = [res.pipeline.source(n) for n in sources] if sources else res.pipeline.sources
+    with store.read_only(res.settings.duckdb_path) as con:
+        balances = [balance_of(res, con, src) for src in chosen]
+    bad = any(b.unexplained or any(r["difference"] for r in b.runs) for b in balances)
+    if as_json:
+        print(json.dumps([b.public() for b in balances], indent=2, default=str))
+        raise typer.Exit(1 if bad else 0)
+    table = Table(title="Reconciliation")
+    for col in ("source", "source rows", "loaded", "quarantined", "dead-lettered",
+                "not yet run", "unexplained"):
+        table.add_column(col, justify="left" if col == "source" else "right")
+    for b in balances:
+        table.add_row(b.source, f"{b.source_rows:,}", f"{b.loaded:,}", f"{b.quarantined:,}",
+                      f"{b.dead_lettered:,}", f"{b.not_yet_run:,}", f"{b.unexplained:,}")
+    out.print(table)
+    for b in balances:
+        for line in b.explanations:
+            err.print(f"{b.source}: {line}")
+    raise typer.Exit(1 if bad else 0)
+
+
 @cli.command()
 def demo(
     claims: Annotated[int, typer.Option(help="Claims to generate when the demo data is "

@@ -8,7 +8,8 @@ upserted on the dataset's key, the newer version winning, so a re-read never dou
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -103,6 +104,29 @@ def connect(path: Path) -> duckdb.DuckDBPyConnection:
     except Exception as exc:
         raise classify(exc) from exc
     return con
+
+
+@contextlib.contextmanager
+def read_only(path: Path, wait_s: float = 30.0) -> Iterator[duckdb.DuckDBPyConnection]:
+    """Open the store for reading (operators, `etl reconcile`), waiting while the loader
+    holds the file for a commit (DuckDB lets no other process open it meanwhile)."""
+    if not path.exists():
+        raise FatalError(f"no DuckDB store at {path} yet (set ETL_DUCKDB_PATH, or run a source "
+                         "first)", source="duckdb")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            con = duckdb.connect(str(path), read_only=True)
+            break
+        except duckdb.IOException as exc:
+            if time.monotonic() > deadline:
+                raise TransientError(f"DuckDB store {path} stayed locked by its writer for "
+                                     f"{wait_s:.0f}s; try again", source="duckdb") from exc
+            time.sleep(0.1)
+    try:
+        yield con
+    finally:
+        con.close()
 
 
 def _migrate(con: duckdb.DuckDBPyConnection) -> None:

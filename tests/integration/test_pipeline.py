@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from etl_tasks.runs import state as runs
 from etl_tasks.api import run_source
 from etl_tasks.demo_data import generate_claims
 from etl_tasks.resources import get_resources
+from etl_tasks.runs import state as runs
 
 pytestmark = pytest.mark.integration
 

@@ -251,3 +251,70 @@ def test_workbooks_of_any_case_move_with_their_sidecars_and_other_files_stay(env
     assert (inbox_dir / "quarantine" / "broken.xlsx").is_file()
     assert (inbox_dir / "quarantine" / "broken.csv").is_file()
     assert (inbox_dir / "quarantine" / "broken.xlsx.reason.txt").is_file()
+
+
+def test_a_corrupt_reupload_answered_by_its_last_good_copy_is_reported_recovered(env, tmp_path):
+    """A workbook re-uploaded corrupt under the name of one already loaded is answered by the
+    copy in processed/, reported `recovered` with the reason (never `loaded`), and the
+    corrupt upload is kept in quarantine/ with why."""
+    inbox_dir = env.root / "data" / "demo" / "registrations"
+    [made] = write_registrations(tmp_path, files=1, rows_per_file=30, seed=707)
+    shutil.copy(tmp_path / made.name, inbox_dir / "monthly.xlsx")
+    _settle(inbox_dir / "monthly.xlsx")
+    first = run_source("registrations").wait(timeout=120)
+    assert {f["name"]: f["status"] for f in first.files}["monthly.xlsx"] == "loaded"
+    (inbox_dir / "monthly.xlsx").write_bytes((tmp_path / made.name).read_bytes()[:400])
+    _settle(inbox_dir / "monthly.xlsx")
+    second = run_source("registrations").wait(timeout=120)
+    assert second.status == "finished", second.error
+    [entry] = [f for f in second.files if f["name"] == "monthly.xlsx"]
+    assert entry["status"] == "recovered"
+    assert "last good copy" in entry["reason"]
+    # The copy's rows replace themselves (registrations have no version: the later wins).
+    [before] = [f for f in first.files if f["name"] == "monthly.xlsx"]
+    assert (entry["rows_loaded"], entry["rows_quarantined"]) == (
+        before["rows_loaded"], before["rows_quarantined"])
+    [(rows, keys)] = env.query("SELECT count(*), count(DISTINCT (mrn, clinic, "
+                               "registration_date)) FROM patient_registrations")
+    assert rows == keys
+    kept = inbox_dir / "quarantine" / "monthly.xlsx"
+    assert kept.is_file()
+    assert kept.stat().st_size == 400
+    assert "last good copy" in (inbox_dir / "quarantine" / "monthly.xlsx.reason.txt").read_text()
+
+
+def test_a_file_that_vanishes_before_it_is_read_is_quarantined_at_once(env, lab_inbox, tmp_path):
+    """A planned file deleted before its extract is refused with its reason on the first
+    attempt, not retried as a transient error. Drives the plain step functions (no worker
+    in between, so the window between plan and extract is exact)."""
+    from etl_tasks import pipeline
+    from etl_tasks.runs import lease, state
+    from etl_tasks.runs.plan import plan_run
+
+    run_source("lab_results").wait(timeout=120)  # drain what other tests left
+    made = write_lab_feeds(tmp_path, files=1, records_per_file=10, seed=808)
+    shutil.copy(tmp_path / made[0].name, lab_inbox / "gone.xml")
+    _settle(lab_inbox / "gone.xml")
+
+    class Recorder:
+        def __init__(self):
+            self.sent = []
+
+        def __getattr__(self, stage):
+            return lambda *args: self.sent.append((stage, *args))
+
+    res = get_resources()
+    run_id = state.new_run_id()
+    state.create(res.redis, run_id, "lab_results")
+    sent = Recorder()
+    try:
+        [unit] = plan_run(res, run_id, "lab_results", sent.extract, sent.finalize)
+        (lab_inbox / "gone.xml").unlink()
+        assert pipeline.extract_unit(res, run_id, unit.unit_id, sent) == 0
+        rejected = state.rejected(res.redis, run_id)[unit.unit_id]
+        assert rejected["name"] == "gone.xml"
+        assert "disappeared" in rejected["reason"]
+        assert ("finalize", run_id) in sent.sent
+    finally:
+        state.fail(res.redis, run_id, "test run driven by hand")
+        lease.release(res.redis, "lab_results", run_id)

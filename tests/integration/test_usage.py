@@ -13,12 +13,12 @@ from base64 import b64encode
 
 import pytest
 
-from etl_tasks.runs import state as runs
 from etl_tasks.api import run_source
 from etl_tasks.celery import app
 from etl_tasks.demo_data import generate_claims
 from etl_tasks.local_services import free_port
 from etl_tasks.resources import get_resources
+from etl_tasks.runs import state as runs
 from tests.integration.conftest import PIPELINE
 
 pytestmark = pytest.mark.integration
@@ -160,3 +160,31 @@ def test_etl_demo_runs_end_to_end_and_a_second_run_loads_nothing(tmp_path):
     # Everything it started is stopped: no worker of this demo is left running.
     leftover = subprocess.run(["pgrep", "-f", f"{tmp_path}"], capture_output=True, text=True)
     assert leftover.stdout.strip() == ""
+
+
+def test_etl_wait_follows_a_run_started_elsewhere_by_its_id(env):
+    """`etl wait RUN_ID --json` re-attaches to a run started from a Python shell."""
+    handle = run_source("billing")
+    etl = os.path.join(os.path.dirname(sys.executable), "etl")
+    done = subprocess.run([etl, "wait", handle.run_id, "--json"], env=env.env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    [summary] = json.loads(done.stdout)
+    assert (summary["run_id"], summary["status"]) == (handle.run_id, "finished")
+
+
+def test_etl_reconcile_accounts_for_every_billing_row(env):
+    """`etl reconcile billing --json` counts the Firebird table itself and finds every row
+    loaded, quarantined or not yet run, with nothing unexplained."""
+    run_source("billing").wait(timeout=180)
+    etl = os.path.join(os.path.dirname(sys.executable), "etl")
+    done = subprocess.run([etl, "reconcile", "billing", "--json"], env=env.env,
+                          capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout + done.stderr
+    [balance] = json.loads(done.stdout)
+    [(source_rows,)] = env.firebird("SELECT COUNT(*) FROM BILLING_CLAIMS")
+    assert balance["source_rows"] == source_rows
+    assert balance["unexplained"] == 0
+    assert balance["loaded"] + balance["quarantined"] + balance["not_yet_run"] == source_rows
+    assert balance["runs"]
+    assert not any(r["difference"] for r in balance["runs"])
