@@ -220,10 +220,26 @@ def _csv_expression() -> str:
     return " || ',' || ".join(parts)
 
 
+RANGE_BLOCK_SIZE = 1 << 20
+"""Bytes the CSV reader takes at a time (Arrow's default); blocks are parsed in parallel."""
+
+_COLUMN_COUNT = re.compile(r"CSV parse error: (?:Row #\d+: )?Expected \d+ columns, got \d+")
+_COLUMN_INDEX = re.compile(r"In CSV column #(\d+): ")
+
+
 def fetch_range(con: Any, table: str, key: str, lo: int, hi: int, *,
                 updated_column: str = "UPDATED_AT", since: str | None = None,
-                until: str | None = None) -> pa.Table:
+                until: str | None = None, block_size: int = RANGE_BLOCK_SIZE) -> pa.Table:
     """Rows with lo <= key <= hi (and, given a window, updated in (since, until]) as Arrow."""
+    text = fetch_range_csv(con, table, key, lo, hi, updated_column=updated_column,
+                           since=since, until=until)
+    return parse_range_csv(text, table=table, key=key, lo=lo, hi=hi, block_size=block_size)
+
+
+def fetch_range_csv(con: Any, table: str, key: str, lo: int, hi: int, *,
+                    updated_column: str = "UPDATED_AT", since: str | None = None,
+                    until: str | None = None) -> str | None:
+    """The range as Firebird writes it: one CSV row per claim, joined by ASCII 10 (LF)."""
     where, params = f"{key} BETWEEN ? AND ?", list[Any]([lo, hi])
     if since and until:
         where += f" AND {updated_column} > ? AND {updated_column} <= ?"
@@ -233,20 +249,56 @@ def fetch_range(con: Any, table: str, key: str, lo: int, hi: int, *,
     cur = con.cursor()
     try:
         cur.execute(sql, params)
-        text = cur.fetchone()[0]
+        return cur.fetchone()[0]  # type: ignore[no-any-return]
     finally:
         cur.close()
+
+
+def parse_range_csv(text: str | None, *, table: str, key: str, lo: int, hi: int,
+                    block_size: int = RANGE_BLOCK_SIZE) -> pa.Table:
+    """Parse `fetch_range_csv` text; a failure is a FatalError that never quotes a row.
+
+    Text values are quoted and may hold LF, CR, quotes, commas and semicolons.
+    `newlines_in_values` keeps the reader from ending a block inside a quoted value (without
+    it, a newline in a value where a block ends breaks the parse). Arrow (26) still drops the
+    LF of a CRLF inside a value when its input blocks split between the CR and the LF, so
+    text with a CR anywhere is read as one block. Either way the parse takes 10 to 15 ms per
+    50,000-row range (2 to 5 ms more than without these guards), next to about 900 ms for
+    Firebird to build the text.
+    """
     names = [name.lower() for name, _, _ in CLAIM_COLUMNS]
     schema = pa.schema([(name.lower(), typ) for name, typ, _ in CLAIM_COLUMNS])
     if not text:
         return schema.empty_table()
-    return pcsv.read_csv(
-        io.BytesIO(text.encode("utf-8")),
-        read_options=pcsv.ReadOptions(column_names=names),
-        convert_options=pcsv.ConvertOptions(
-            column_types={f.name: f.type for f in schema},
-            strings_can_be_null=True, quoted_strings_can_be_null=False),
-    ).select(names)
+    data = text.encode("utf-8")
+    if b"\r" in data:
+        block_size = max(block_size, len(data) + 1)
+    try:
+        return pcsv.read_csv(
+            io.BytesIO(data),
+            read_options=pcsv.ReadOptions(column_names=names, block_size=block_size),
+            parse_options=pcsv.ParseOptions(newlines_in_values=True),
+            convert_options=pcsv.ConvertOptions(
+                column_types={f.name: f.type for f in schema},
+                strings_can_be_null=True, quoted_strings_can_be_null=False),
+        ).select(names)
+    except pa.ArrowException as exc:
+        reason = _parse_failure_reason(exc)
+    # Raised out here, so that neither __cause__ nor __context__ carries Arrow's message (and
+    # the row in it) into a traceback, a log or a Sentry event.
+    raise FatalError(f"Firebird range {table} {key} {lo}-{hi} could not be parsed ({reason})",
+                     source="firebird")
+
+
+def _parse_failure_reason(exc: BaseException) -> str:
+    """What Arrow's message says went wrong, without the row or value it quotes."""
+    message = str(exc)
+    if found := _COLUMN_COUNT.match(message):
+        return found.group(0)
+    if (found := _COLUMN_INDEX.match(message)) and int(found.group(1)) < len(CLAIM_COLUMNS):
+        name, typ, _ = CLAIM_COLUMNS[int(found.group(1))]
+        return f"column {name} holds a value that is not a valid {typ}"
+    return type(exc).__name__
 
 
 def classify(exc: BaseException) -> EtlError:
