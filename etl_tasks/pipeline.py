@@ -21,7 +21,7 @@ from etl_tasks.config import SourceConfig
 from etl_tasks.errors import SourceFileError, TransientError
 from etl_tasks.load import duckdb as store
 from etl_tasks.resources import Resources
-from etl_tasks.runs import lease, state
+from etl_tasks.runs import items, lease, state
 from etl_tasks.runs.state import Unit
 from etl_tasks.sources import excel, firebird, xml_feed
 from etl_tasks.transform import transform_chunk
@@ -116,6 +116,7 @@ def _extract_file(res: Resources, ctx: RunContext, unit: Unit,
             staging.put(r, ctx.run_id, chunk_id, "raw", batch, res.settings.stage_ttl_s)
             chunks[chunk_id] = batch.num_rows
             state.touch(r, ctx.run_id)  # a long file shows progress per batch
+            items.heartbeat(r, ctx.run_id, "extract", unit.unit_id)
     except SourceFileError as exc:
         return exc.reason
     except (TransientError, FileNotFoundError):

@@ -64,6 +64,11 @@ def begin(r: redis.Redis, run_id: str, stage: Stage, item: str) -> int:
     return count
 
 
+def heartbeat(r: redis.Redis, run_id: str, stage: Stage, item: str) -> None:
+    """A long step is alive (a big file, batch by batch): not overdue."""
+    _set(r, run_id, stage, item, "started", time.time())
+
+
 def forgive(r: redis.Redis, run_id: str, stage: Stage, item: str, eta: float) -> None:
     """A transient error: the attempt does not count, the item waits for its retry."""
     r.hincrby(key(run_id, "attempts"), field(stage, item), -1)
