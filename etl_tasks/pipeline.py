@@ -73,7 +73,8 @@ def extract_unit(res: Resources, run_id: str, unit_id: str, send: Dispatch) -> i
                     updated_column=src.updated_column,
                     since=unit.since or None, until=unit.until or None)
             except Exception as exc:
-                raise firebird.classify(exc) from exc
+                raise firebird.classify(
+                    exc, f"table {src.location} keys {unit.lo}-{unit.hi}") from exc
         staging.put(r, run_id, unit_id, "raw", table, ttl)
         chunks[unit_id] = table.num_rows
     else:

@@ -120,7 +120,7 @@ def _plan_firebird(res: Resources, src: SourceConfig,
                                                src.updated_column, since, updated_to, after)
                        if since is not None and after > 0 and updated_to is not None else None)
         except Exception as exc:
-            raise firebird.classify(exc) from exc
+            raise firebird.classify(exc, f"table {src.location}") from exc
     units = plan_ranges(src, after, bounds)
     if changed is not None and since is not None and updated_to is not None:
         for u in plan_ranges(src, 0, changed, kind="updated"):

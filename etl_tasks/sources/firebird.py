@@ -301,18 +301,32 @@ def _parse_failure_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-def classify(exc: BaseException) -> EtlError:
-    """Map a firebird-driver exception to the error tree (anything unknown is fatal)."""
+def classify(exc: BaseException, where: str = "") -> EtlError:
+    """Map a firebird-driver exception to the error tree (anything unknown is fatal).
+
+    Messages keep only what is safe to show: Firebird's own text can quote a value (a failed
+    conversion does), so an unrecognized error shows its type and SQL code, never its text.
+    `where` names what was being read (a table, a key range).
+    """
     if isinstance(exc, EtlError):
         return exc
     text = str(exc).lower()
+    at = f" ({where})" if where else ""
     transient_marks = ("lock conflict", "deadlock", "connection shutdown", "unavailable",
                        "connection lost", "network", "timeout", "too many")
     if any(mark in text for mark in transient_marks):
-        return TransientError(f"Firebird unavailable ({type(exc).__name__}); will retry",
+        return TransientError(f"Firebird unavailable{at} ({type(exc).__name__}); will retry",
                               source="firebird")
     if "password" in text or "user name" in text:
         return FatalError("Firebird rejected the credentials; check ETL_FIREBIRD_USER and "
                           "ETL_FIREBIRD_PASSWORD", source="firebird")
-    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    return FatalError(f"Firebird error: {first_line}", source="firebird")
+    if "table unknown" in text:
+        return FatalError(f"a table named in the pipeline config does not exist in the Firebird "
+                          f"database{at}; check the source's location", source="firebird")
+    if "column unknown" in text:
+        return FatalError(f"a column named in the pipeline config does not exist{at}; check "
+                          "the source's key_column and updated_column", source="firebird")
+    code = getattr(exc, "sqlcode", None)
+    return FatalError(f"Firebird error {type(exc).__name__}{at}"
+                      + (f", SQL code {code}" if code else "")
+                      + "; details in the worker log", source="firebird")
