@@ -105,6 +105,8 @@ class FaultStack:
     workers: dict[str, Worker] = field(default_factory=dict)
     fault_at: float | None = None
     """time.monotonic() of the injected fault, for the oracle's recovery time."""
+    ended_at: float | None = None
+    """time.monotonic() when the test saw the run end."""
 
     # -- processes ------------------------------------------------------------------------
     def start_worker(self, role: str, name: str | None = None, extra_env: dict[str, str] | None
