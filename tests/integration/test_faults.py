@@ -147,9 +147,9 @@ def test_fleet_main_process_killed_mid_run(world):
     wait_until(lambda: stack.stage_keys(handle.run_id), 60, "the first staged chunk", 0.01)
     assert handle.summary() is None, "the run ended before the fault"
     stack.kill("fleet")
-    stack.mark_fault()
+    killed_at = stack.mark_fault()
     stack.start_fleet()
-    summary = wait_end(stack, handle, 120)
+    summary = wait_end(stack, handle, 120 - (time.monotonic() - killed_at))
     assert summary.status == "finished", summary
     check(stack, "fleet main process killed")
 
