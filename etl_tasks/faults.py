@@ -2,7 +2,7 @@
 
 Enabled only by the environment, so production code paths run unchanged:
 
-    ETL_FAULT_POINT=<point>[@<match>][:<n>]     ETL_FAULT_ACTION=kill|raise   (default kill)
+    ETL_FAULT_POINT=<point>[:<n>][@<match>]     ETL_FAULT_ACTION=kill|raise   (default kill)
 
 `point` is one of POINTS; `match` a substring of the unit or chunk id at that point; `:n`
 fires only on the n-th matching hit counted across every process (a Redis counter), once.
@@ -29,8 +29,9 @@ def fault_point(name: str, item: str, r: redis.Redis | None = None) -> None:
     spec = os.environ.get("ETL_FAULT_POINT")
     if not spec:
         return
-    point, _, nth = spec.partition(":")
-    point, _, match = point.partition("@")
+    # The match comes last and may hold colons (`extract@billing:keys:4001`).
+    head, _, match = spec.partition("@")
+    point, _, nth = head.partition(":")
     if point != name or (match and match not in item):
         return
     if nth and (r is None or int(r.incr(f"etl:fault:{spec}")) != int(nth)):

@@ -32,6 +32,7 @@ from etl_tasks.runs.finalize import finalize_run
 from etl_tasks.runs.plan import plan_run
 
 log = logging.getLogger(__name__)
+REBUILD_PENDING = "etl:rebuild:pending"
 
 
 class EtlTask(Task):  # type: ignore[misc]
@@ -170,8 +171,10 @@ def plan_source(self: Task, run_id: str | None, source: str) -> str:
         state.create(res.redis, run_id, source, origin="beat")
     if not checkpoints.intact(res.redis):
         # Redis lost its data: the loader rebuilds the checkpoints first, then plans again.
-        log.warning("checkpoints missing in Redis; rebuilding them from the ledger first")
-        (rebuild_state.si() | plan_source.si(run_id, source)).apply_async()
+        # One rebuild at a time: other plans wait for the supervisor to send them again.
+        if res.redis.set(REBUILD_PENDING, run_id, nx=True, ex=int(res.settings.overdue_s * 5)):
+            log.warning("checkpoints missing in Redis; rebuilding them from the ledger first")
+            (rebuild_state.si() | plan_source.si(run_id, source)).apply_async()
         return run_id
     plan_run(res, run_id, source, CELERY.extract, CELERY.finalize)
     return run_id
@@ -215,7 +218,9 @@ def finalize_task(run_id: str) -> str | None:
 def rebuild_state() -> dict[str, int]:
     """Rebuild checkpoints from the ledger after Redis lost its data; returns key marks."""
     with _duckdb() as con:
-        return recovery.rebuild_state(get_resources(), con)
+        marks = recovery.rebuild_state(get_resources(), con)
+    get_resources().redis.delete(REBUILD_PENDING)
+    return marks
 
 
 @app.task(base=EtlTask, name="etl.control.supervise")

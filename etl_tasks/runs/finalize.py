@@ -18,7 +18,7 @@ from etl_tasks import checkpoints, inbox
 from etl_tasks.load import duckdb as store
 from etl_tasks.resources import Resources
 from etl_tasks.runs import dead_letters, lease, state
-from etl_tasks.runs.state import Summary, Unit
+from etl_tasks.runs.state import RunStatus, Summary, Unit
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,11 @@ def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) ->
                     if c not in ledger and chunk_units.get(c) in dead_unit_ids)
     started = float(data.get("started_at") or data.get("created_at") or time.time())
     finished = time.time()
+    # Partial: some work dead, the rest loaded. Nothing but dead work is a failed run.
+    status: RunStatus = "finished" if not dead else (
+        "failed" if units and dead_unit_ids >= {u.unit_id for u in units} else "partial")
     summary = Summary(
-        source=src.name, run_id=run_id, status="partial" if dead else "finished",
+        source=src.name, run_id=run_id, status=status,
         extracted=sum(chunk_rows.values()), loaded=loaded, quarantined=quarantined,
         skipped=skipped, dead_lettered=dead_rows,
         duration_s=round(finished - float(data.get("created_at", started)), 3),
