@@ -7,17 +7,16 @@ Nothing is skipped: a missing binary fails with what to install (`make test` ins
 from __future__ import annotations
 
 import os
-import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import duckdb
 import pytest
 
 from etl_tasks.celery import app, use_redis
 from etl_tasks.demo_data import make_demo_data
+from etl_tasks.load import duckdb as store
 from etl_tasks.local_services import RedisServer, Worker, wait_for_workers
 from etl_tasks.resources import get_resources, reset_resources
 
@@ -78,20 +77,9 @@ class Stack:
                 cur.close()
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-        """Read the store; retry while the loader holds its write lock for a commit."""
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                con = duckdb.connect(str(self.duckdb_path), read_only=True)
-            except duckdb.IOException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-                continue
-            try:
-                return con.execute(sql, params or []).fetchall()
-            finally:
-                con.close()
+        """Read the store; wait while the loader holds its write lock for a commit."""
+        with store.read_only(self.duckdb_path) as con:
+            return con.execute(sql, params or []).fetchall()
 
 
 def _set_env(env: dict[str, str]) -> None:

@@ -22,12 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import duckdb
 import kombu.pools
 import redis
 
 from etl_tasks.celery import app, use_redis
 from etl_tasks.config import get_settings
+from etl_tasks.load import duckdb as store
 from etl_tasks.local_services import RedisServer, Worker, wait_for_workers
 from etl_tasks.resources import reset_resources
 from etl_tasks.sources.firebird import FirebirdTarget, connect
@@ -214,20 +214,9 @@ class FaultStack:
             con.close()
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-        """Read the store; retry while the loader holds its write lock for a commit."""
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                con = duckdb.connect(str(self.duckdb_path), read_only=True)
-            except duckdb.IOException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-                continue
-            try:
-                return con.execute(sql, params or []).fetchall()
-            finally:
-                con.close()
+        """Read the store; wait while the loader holds its write lock for a commit."""
+        with store.read_only(self.duckdb_path) as con:
+            return con.execute(sql, params or []).fetchall()
 
     def logs(self) -> str:
         return f"worker logs in {self.root / 'logs'}, redis log in {self.redis_server.directory}"
