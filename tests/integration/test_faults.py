@@ -6,7 +6,10 @@ shared oracle (oracle.py): every source row loaded once, quarantined or dead-let
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -202,11 +205,19 @@ def test_redis_restarted_from_its_append_only_file_mid_run(world):
     stack = world(appendonly=True)
     stack.start_all()
     handle = run_source("billing")
+    # An operator follows the run from the CLI: it must outlive the restart, not crash.
+    etl = os.path.join(os.path.dirname(sys.executable), "etl")
+    follower = subprocess.Popen([etl, "wait", handle.run_id, "--json"], env=stack.env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_until(lambda: chunks_done(handle) >= 1, 60, "the first committed chunk", 0.01)
     assert handle.summary() is None, "the run ended before the fault"
     stack.restart_redis()  # appendfsync everysec: the last second's writes may be lost
     stack.mark_fault()
     first = wait_end(stack, handle, 120)
+    out, err = follower.communicate(timeout=60)
+    assert follower.returncode in (0, 1), err
+    assert "Traceback" not in err
+    assert [s["status"] for s in json.loads(out)] == [first.status]
     label = f"redis restarted from its AOF (run {first.status})"
     if first.status == "failed":
         assert first.error, "a failed run must say why"
