@@ -95,27 +95,30 @@ def reset(r: redis.Redis, source: str) -> None:
     r.delete(_key(source), f"etl:files:{source}")
 
 
-def prefix_mark(ranges: list[tuple[int, int, datetime | None]]) -> tuple[int, datetime | None]:
+def prefix_mark(ranges: list[tuple[int, int, datetime | None]],
+                floor: tuple[int, datetime] | None = None) -> tuple[int, datetime | None]:
     """The key mark and updated mark that committed ranges prove, from the ledger.
 
     Ranges are planned contiguous from the mark + 1, so the key mark is the end of the union
-    of committed ranges that starts at key 1. The updated mark is the oldest version that
-    covers any key of that prefix (each key counts the newest run that read it whole): a
-    conservative choice that re-reads a little more after a rebuild, never less.
+    of committed ranges that starts at key 1. Each piece of that prefix is current as of the
+    newest version that read it whole, or as of `floor` (the key and updated marks the last
+    finished run left, which held for every key up to its key mark); the updated mark is the
+    oldest of those: a conservative choice that re-reads a little more, never less.
     """
-    mark, points = 0, []
-    for lo, hi, version in sorted(ranges):
+    mark, pieces = 0, []
+    for lo, hi, _ in sorted(ranges, key=lambda r: (r[0], r[1])):
         if lo > mark + 1:
             break
         if hi > mark:
-            points.append((max(lo, mark + 1), hi, version))
+            pieces.append((max(lo, mark + 1), hi))
             mark = hi
-    if not points:
+    if not pieces:
         return 0, None
     newest: list[datetime | None] = []
-    for lo, hi, _ in points:
-        covering = [v for a, b, v in ranges if a <= lo and b >= hi]
-        dated = [v for v in covering if v is not None]
+    for lo, hi in pieces:
+        dated = [v for a, b, v in ranges if a <= lo and b >= hi and v is not None]
+        if floor is not None and hi <= floor[0]:
+            dated.append(floor[1])
         newest.append(max(dated) if dated else None)
     known = [v for v in newest if v is not None]
     return mark, (min(known) if known and len(known) == len(newest) else None)

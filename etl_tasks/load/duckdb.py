@@ -57,6 +57,9 @@ _DDL = [
         quarantined BIGINT, skipped BIGINT, duration_s DOUBLE, quality_score DOUBLE,
         error VARCHAR)""",
     "ALTER TABLE etl_runs ADD COLUMN IF NOT EXISTS dead_lettered BIGINT DEFAULT 0",
+    # The source's checkpoints when the run ended: what a rebuild may start from.
+    "ALTER TABLE etl_runs ADD COLUMN IF NOT EXISTS key_mark BIGINT",
+    "ALTER TABLE etl_runs ADD COLUMN IF NOT EXISTS updated_mark TIMESTAMP",
     """CREATE TABLE IF NOT EXISTS etl_dead_letters (
         dead_letter_id VARCHAR PRIMARY KEY, run_id VARCHAR NOT NULL, source VARCHAR NOT NULL,
         stage VARCHAR NOT NULL, item_id VARCHAR NOT NULL, unit_id VARCHAR NOT NULL,
@@ -216,17 +219,26 @@ def ledger_rows(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, tuple[
 
 
 def record_run(con: duckdb.DuckDBPyConnection, summary: dict[str, Any],
-               started_at: float, finished_at: float) -> None:
-    """Write the run's metrics row (idempotent on run id)."""
+               started_at: float, finished_at: float, key_mark: int | None = None,
+               updated_mark: datetime | None = None) -> None:
+    """Write the run's metrics row (idempotent on run id), with the checkpoints it left."""
     con.execute(
         "INSERT OR REPLACE INTO etl_runs (run_id, source, status, started_at, finished_at, "
         "extracted, loaded, quarantined, skipped, duration_s, quality_score, error, "
-        "dead_lettered) VALUES (?, ?, ?, to_timestamp(?), to_timestamp(?), ?, ?, ?, ?, ?, ?, "
-        "?, ?)",
+        "dead_lettered, key_mark, updated_mark) VALUES (?, ?, ?, to_timestamp(?), "
+        "to_timestamp(?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [summary["run_id"], summary["source"], summary["status"], started_at, finished_at,
          summary["extracted"], summary["loaded"], summary["quarantined"], summary["skipped"],
          summary["duration_s"], summary["quality_score"], summary.get("error"),
-         summary.get("dead_lettered", 0)])
+         summary.get("dead_lettered", 0), key_mark, updated_mark])
+
+
+def last_marks(con: duckdb.DuckDBPyConnection, source: str) -> tuple[int, datetime] | None:
+    """The key and updated marks the latest ended run of `source` left, if any."""
+    row = con.execute("SELECT key_mark, updated_mark FROM etl_runs WHERE source = ? AND "
+                      "key_mark IS NOT NULL AND updated_mark IS NOT NULL "
+                      "ORDER BY finished_at DESC LIMIT 1", [source]).fetchone()
+    return (int(row[0]), row[1]) if row else None
 
 
 def record_dead_letters(con: duckdb.DuckDBPyConnection, entries: list[dict[str, Any]]) -> None:

@@ -62,7 +62,9 @@ def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) ->
                "`etl dead-letters`" if dead else None))
     store.record_dead_letters(con, dead)
     _resolve_dead_letters(res, con, run_id, src.name, units, dead_unit_ids, data)
-    store.record_run(con, summary.public(), started, finished)
+    store.record_run(con, summary.public(), started, finished,
+                     checkpoints.key_high_water(r, src.name) if src.kind == "firebird" else None,
+                     checkpoints.updated_mark(r, src.name))
     _settle_files(res, run_id, src.name, units, refused, recovered, dead_unit_ids, chunk_rows,
                   chunk_units)
     state.finish(r, run_id, summary)

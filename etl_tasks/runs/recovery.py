@@ -30,7 +30,8 @@ def rebuild_state(res: Resources, con: duckdb.DuckDBPyConnection) -> dict[str, i
         return {}
     marks = {}
     for src in res.pipeline.sources:
-        key_mark, updated = checkpoints.prefix_mark(store.committed_ranges(con, src.name))
+        key_mark, updated = checkpoints.prefix_mark(store.committed_ranges(con, src.name),
+                                                    store.last_marks(con, src.name))
         files = store.loaded_files(con, src.name)
         checkpoints.restore(r, src.name, key_mark, updated, files)
         dead_letters.restore(r, src.name, store.dead_letters(con, src.name))

@@ -105,6 +105,10 @@ def test_key_mark_rebuilt_from_the_ledger_stops_at_the_first_gap():
     assert prefix_mark([(1, 100, new), (101, 200, new)]) == (200, new)
     assert prefix_mark([(101, 200, new)]) == (0, None)  # never read from the start
     assert prefix_mark([]) == (0, None)
+    # The marks a finished run left vouch for every key up to its key mark.
+    newer = datetime(2026, 3, 1)
+    assert prefix_mark(ranges, floor=(200, newer)) == (200, newer)
+    assert prefix_mark(ranges, floor=(100, newer)) == (200, old)  # 101-200: only old
 
 
 def test_staged_payload_round_trips_arrow_exactly():
