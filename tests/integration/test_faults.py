@@ -277,14 +277,32 @@ def test_poison_unit_is_dead_lettered_and_loaded_once_fixed(world, action):
         "SELECT dead_letter_id, status FROM etl_dead_letters WHERE item_id = ?", [poison])
     assert status == "open"
 
+    etl = os.path.join(os.path.dirname(sys.executable), "etl")
+    if action == "raise":
+        # The next run, the fault still there, is not failed by it: one attempt, rest loaded.
+        again = wait_end(stack, run_source("billing"), 120)
+        assert again.status == "partial", again
+        assert [(d["item"], d["attempts"]) for d in again.dead_letters] == [(poison, 1)]
+        listed = subprocess.run([etl, "dead-letters", "--json"], env=stack.env,
+                                capture_output=True, text=True, timeout=60, check=True)
+        letters = {d["dead_letter_id"]: d for d in json.loads(listed.stdout)}
+        assert dead_id in letters
+        assert letters[dead_id]["pointer"] == "keys 4001-6000"
+        assert "InjectedFault" in letters[dead_id]["reason"]
+
     stack.kill("fleet")  # the fault is fixed: a fleet without it
     stack.start_fleet()
     stack.fault_at = None
+    if action == "raise":  # the operator sends the dead work again by hand
+        done = subprocess.run([etl, "retry", dead_id, "--wait", "--json"], env=stack.env,
+                              capture_output=True, text=True, timeout=180)
+        assert done.returncode == 0, done.stdout + done.stderr
+        [retried] = json.loads(done.stdout)
+        assert (retried["status"], retried["loaded"] + retried["quarantined"]) == (
+            "finished", 2_000)
     second = wait_end(stack, run_source("billing"), 120)
     assert second.status == "finished", second
-    [(status,)] = stack.query(
-        "SELECT status FROM etl_dead_letters WHERE dead_letter_id = ?", [dead_id])
-    assert status == "resolved"
+    assert stack.query("SELECT DISTINCT status FROM etl_dead_letters") == [("resolved",)]
     tally = check(stack, f"poison unit ({action}), run after the fix")
     assert tally.dead_lettered == 0
 

@@ -188,3 +188,21 @@ def test_etl_reconcile_accounts_for_every_billing_row(env):
     assert balance["loaded"] + balance["quarantined"] + balance["not_yet_run"] == source_rows
     assert balance["runs"]
     assert not any(r["difference"] for r in balance["runs"])
+
+
+def test_etl_run_wait_reports_a_run_that_makes_no_progress(env, tmp_path):
+    """With Redis up and no worker running, `etl run --wait` does not wait forever: after
+    ETL_STALL_S without progress it says what to check and how to follow the run, exit 3."""
+    from etl_tasks.local_services import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()  # a Redis no worker listens to
+    try:
+        etl = os.path.join(os.path.dirname(sys.executable), "etl")
+        done = subprocess.run([etl, "run", "billing", "--wait"], capture_output=True,
+                              text=True, timeout=120,
+                              env={**env.env, "ETL_REDIS_URL": server.url, "ETL_STALL_S": "3"})
+    finally:
+        server.stop()
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert "no progress" in done.stderr
+    assert "etl wait" in done.stderr
