@@ -19,10 +19,13 @@ from etl_tasks.config import PipelineConfig, Settings, get_settings, load_pipeli
 def build_schedule(pipeline: PipelineConfig,
                    settings: Settings | None = None) -> dict[str, dict[str, Any]]:
     every = (settings or get_settings()).supervise_every_s
+    replay_every = (settings or get_settings()).replay_every_s
     schedule: dict[str, dict[str, Any]] = {
         "supervise": {"task": "etl.control.supervise", "schedule": every,
                       # A tick nobody took in time is dropped: the next one does the same.
                       "options": {"expires": every}},
+        "replay": {"task": "etl.load.replay", "schedule": replay_every,
+                   "options": {"expires": replay_every}},
     }
     for src in pipeline.sources:
         if src.schedule == "manual":

@@ -43,6 +43,19 @@ class Settings(BaseSettings):
     """Opened for writing only by the `load` queue's single worker."""
     pipeline_config: Path | None = None
     """TOML file listing the sources; the packaged `etl_tasks/pipeline.toml` when unset."""
+    duckdb_lock_wait_s: float = Field(default=2.0, ge=0)
+    """How long the loader waits for a DuckDB file held by another process before it commits
+    to the SQLite fallback instead."""
+    sqlite_path: Path | None = None
+    """The fallback store while DuckDB is unavailable, drained back by the replay (default:
+    `fallback.sqlite` in ETL_DATA_DIR)."""
+    spool_dir: Path | None = None
+    """The last resort when SQLite is unavailable too: fsynced Arrow files (default: `spool/`
+    in ETL_DATA_DIR)."""
+    replay_every_s: float = Field(default=30.0, gt=0)
+    """How often beat runs the replay of the fallbacks into DuckDB."""
+    query_cache_ttl_s: float = Field(default=300.0, ge=0)
+    """`read_data` / `etl query`: how long a cached result may answer while DuckDB is down."""
     firebird_dsn: str = "data/demo/billing.fdb"
     """A local file path uses the embedded engine; `host/port:path` a Firebird server."""
     firebird_user: str = "SYSDBA"
@@ -72,6 +85,14 @@ class Settings(BaseSettings):
     """A waiter (`etl run --wait`, `etl wait`) reports a run with no progress for this long."""
     sentry_dsn: SecretStr | None = None
     """Errors go to Sentry when set (task arguments and local variables are never sent)."""
+
+    @property
+    def fallback_path(self) -> Path:
+        return self.sqlite_path or self.data_dir / "fallback.sqlite"
+
+    @property
+    def spool_path(self) -> Path:
+        return self.spool_dir or self.data_dir / "spool"
 
 
 class SourceConfig(BaseModel):

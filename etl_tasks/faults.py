@@ -18,7 +18,7 @@ import signal
 
 import redis
 
-POINTS = ("extract", "transform", "before_commit", "after_commit")
+POINTS = ("extract", "transform", "before_commit", "after_commit", "replay")
 
 
 class InjectedFault(RuntimeError):

@@ -14,12 +14,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-import duckdb
-
 from etl_tasks import checkpoints, faults, staging
 from etl_tasks.config import SourceConfig
 from etl_tasks.errors import SourceFileError, TransientError
 from etl_tasks.load import duckdb as store
+from etl_tasks.load.writer import StoreChain
 from etl_tasks.resources import Resources
 from etl_tasks.runs import items, lease, state
 from etl_tasks.runs.state import Unit
@@ -148,10 +147,11 @@ def transform_staged(res: Resources, run_id: str, chunk_id: str, send: Dispatch)
     return int(raw.num_rows)
 
 
-def load_staged(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str,
-                chunk_id: str, send: Dispatch) -> store.WriteResult | None:
-    """Commit a transformed chunk (or find it in the ledger), then advance the run's state.
-    None when nothing was loaded here (a lost run, or the chunk is extracted again)."""
+def load_staged(res: Resources, chain: StoreChain, run_id: str, chunk_id: str,
+                send: Dispatch) -> store.WriteResult | None:
+    """Commit a transformed chunk to the first healthy store (or find it committed), then
+    advance the run's state. None when nothing was loaded here (a lost run, or the chunk is
+    extracted again)."""
     r = res.redis
     if state.is_done(r, run_id, chunk_id):
         return store.WriteResult(0, 0, already_loaded=True)
@@ -159,21 +159,21 @@ def load_staged(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str,
     if ctx is None:
         return None
     src = ctx.src
-    if store.is_committed(con, run_id, chunk_id):
-        result = store.WriteResult(0, 0, already_loaded=True)
-    else:
+    result, where = chain.committed(run_id, chunk_id), "committed"
+    if result is None:
         try:
             valid = staging.get(r, run_id, chunk_id, "valid")
             quarantined = staging.get(r, run_id, chunk_id, "quarantine")
         except staging.StagingLost:
             restage(res, run_id, chunk_id, send)
             return None
-        result = store.write_chunk(
-            con, source=src.name, table=src.table, dataset=src.dataset,
+        where, result = chain.write(
+            source=src.name, table=src.table, dataset=src.dataset,
             entry=_ledger_entry(res, run_id, chunk_id), valid=valid, quarantined=quarantined,
             fault=lambda point: faults.fault_point(point, chunk_id, r))
     # Only after the commit: progress, staged payload cleanup, checkpoint, lease.
-    state.mark_done(r, run_id, chunk_id, result.loaded, result.quarantined)
+    state.mark_done(r, run_id, chunk_id, result.loaded, result.quarantined, result.unchanged,
+                    where)
     staging.drop(r, run_id, chunk_id)
     if src.kind == "firebird":
         checkpoints.advance_key(r, src.name, state.units(r, run_id),

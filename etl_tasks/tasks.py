@@ -26,6 +26,8 @@ from etl_tasks import checkpoints, pipeline
 from etl_tasks.celery import app
 from etl_tasks.errors import DataQualityError, TransientError, safe_reason
 from etl_tasks.load import duckdb as store
+from etl_tasks.load import replay
+from etl_tasks.load.writer import StoreChain
 from etl_tasks.resources import Resources, get_resources, reset_resources
 from etl_tasks.runs import dead_letters, items, lease, recovery, state, supervisor
 from etl_tasks.runs.finalize import finalize_run
@@ -148,13 +150,19 @@ def _eta(when: Any) -> float:
 
 @contextmanager
 def _duckdb() -> Iterator[duckdb.DuckDBPyConnection]:
-    """The loader's connection for one task. Closing it between tasks frees the file for
-    readers (DuckDB lets one process write, and no other open it meanwhile)."""
+    """The loader's DuckDB connection for one task. Closing it between tasks frees the file
+    for readers (DuckDB lets one process write, and no other open it meanwhile)."""
     con = store.connect(get_resources().settings.duckdb_path)
     try:
         yield con
     finally:
         con.close()
+
+
+def _stores() -> StoreChain:
+    """The loader's stores for one task: DuckDB, else SQLite, else the spool."""
+    res = get_resources()
+    return StoreChain(res.settings, res.redis)
 
 
 @worker_process_init.connect
@@ -195,8 +203,8 @@ def transform_task(run_id: str, chunk_id: str) -> int:
 @app.task(base=EtlTask, name="etl.load.chunk", stage="load")
 def load_task(run_id: str, chunk_id: str) -> dict[str, Any] | None:
     """Commit one chunk to DuckDB (the single writer); returns its counts."""
-    with _duckdb() as con:
-        result = pipeline.load_staged(get_resources(), con, run_id, chunk_id, CELERY)
+    with _stores() as chain:
+        result = pipeline.load_staged(get_resources(), chain, run_id, chunk_id, CELERY)
     if result is None:
         return None
     return {"loaded": result.loaded, "quarantined": result.quarantined,
@@ -209,8 +217,8 @@ def finalize_task(run_id: str) -> str | None:
     res = get_resources()
     if not state.is_complete(res.redis, run_id):
         return None
-    with _duckdb() as con:
-        summary = finalize_run(res, con, run_id)
+    with _stores() as chain:
+        summary = finalize_run(res, chain, run_id)
     return summary.status if summary else None
 
 
@@ -221,6 +229,15 @@ def rebuild_state() -> dict[str, int]:
         marks = recovery.rebuild_state(get_resources(), con)
     get_resources().redis.delete(REBUILD_PENDING)
     return marks
+
+
+@app.task(base=EtlTask, name="etl.load.replay")
+def replay_task() -> dict[str, Any]:
+    """Drain the SQLite and spool fallbacks into DuckDB when it is healthy; what it moved."""
+    with _stores() as chain:
+        done = replay.replay(chain)
+    return {"chunks": done.chunks, "rows": done.rows, "records": done.records,
+            "skipped": done.skipped}
 
 
 @app.task(base=EtlTask, name="etl.control.supervise")

@@ -206,9 +206,13 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
     return WriteResult(loaded, held_count, already_loaded=False, unchanged=unchanged)
 
 
-def is_committed(con: duckdb.DuckDBPyConnection, run_id: str, chunk_id: str) -> bool:
-    return con.execute("SELECT 1 FROM etl_load_ledger WHERE run_id = ? AND chunk_id = ?",
-                       [run_id, chunk_id]).fetchone() is not None
+def ledger_counts(con: duckdb.DuckDBPyConnection, run_id: str,
+                  chunk_id: str) -> tuple[int, int, int] | None:
+    """(rows_loaded, rows_quarantined, rows_unchanged) of a committed chunk, else None."""
+    row = con.execute("SELECT rows_loaded, rows_quarantined, rows_unchanged FROM "
+                      "etl_load_ledger WHERE run_id = ? AND chunk_id = ?",
+                      [run_id, chunk_id]).fetchone()
+    return None if row is None else (int(row[0]), int(row[1]), int(row[2]))
 
 
 def ledger_rows(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, tuple[int, int, int]]:

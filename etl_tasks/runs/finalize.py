@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import duckdb
-
 from etl_tasks import checkpoints, inbox
 from etl_tasks.load import duckdb as store
+from etl_tasks.load.writer import StoreChain
 from etl_tasks.resources import Resources
 from etl_tasks.runs import dead_letters, lease, state
 from etl_tasks.runs.state import RunStatus, Summary, Unit
@@ -23,7 +22,7 @@ from etl_tasks.runs.state import RunStatus, Summary, Unit
 log = logging.getLogger(__name__)
 
 
-def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) -> Summary | None:
+def finalize_run(res: Resources, chain: StoreChain, run_id: str) -> Summary | None:
     """Summarize and close a complete run; None when it is not complete (or already closed)."""
     r = res.redis
     if not state.is_complete(r, run_id):
@@ -33,7 +32,8 @@ def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) ->
     units = state.units(r, run_id)
     chunk_rows = state.chunk_rows(r, run_id)
     chunk_units = state.chunk_units(r, run_id)
-    ledger = store.ledger_rows(con, run_id)
+    # Counts of every committed chunk, whichever store holds it (DuckDB or a fallback).
+    ledger = {c: v[:3] for c, v in state.ledger(r, run_id).items()}
     dead = dead_letters.of_run(r, run_id)
     dead_unit_ids = {e["unit_id"] for e in dead}
     refused, recovered = state.rejected(r, run_id), state.recovered(r, run_id)
@@ -60,11 +60,15 @@ def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) ->
                                          "reason", "attempts")} for e in dead],
         error=(f"{len(dead)} piece(s) of work dead-lettered after repeated failures; see "
                "`etl dead-letters`" if dead else None))
-    store.record_dead_letters(con, dead)
-    _resolve_dead_letters(res, con, run_id, src.name, units, dead_unit_ids, data)
-    store.record_run(con, summary.public(), started, finished,
-                     checkpoints.key_high_water(r, src.name) if src.kind == "firebird" else None,
-                     checkpoints.updated_mark(r, src.name))
+    chain.record("dead_letters", {"entries": dead},
+                 lambda con: store.record_dead_letters(con, dead))
+    _resolve_dead_letters(res, chain, run_id, src.name, units, dead_unit_ids, data)
+    key_mark = checkpoints.key_high_water(r, src.name) if src.kind == "firebird" else None
+    updated = checkpoints.updated_mark(r, src.name)
+    run_row = {"summary": summary.public(), "started_at": started, "finished_at": finished,
+               "key_mark": key_mark, "updated_mark": updated}
+    chain.record("run", run_row, lambda con: store.record_run(
+        con, summary.public(), started, finished, key_mark, updated))
     _settle_files(res, run_id, src.name, units, refused, recovered, dead_unit_ids, chunk_rows,
                   chunk_units)
     state.finish(r, run_id, summary)
@@ -74,7 +78,7 @@ def finalize_run(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str) ->
     return summary
 
 
-def _resolve_dead_letters(res: Resources, con: duckdb.DuckDBPyConnection, run_id: str,
+def _resolve_dead_letters(res: Resources, chain: StoreChain, run_id: str,
                           source: str, units: list[Unit], dead_unit_ids: set[str],
                           data: dict[str, str]) -> None:
     """Open dead letters whose work this run has now done, and the updated mark."""
@@ -90,7 +94,9 @@ def _resolve_dead_letters(res: Resources, con: duckdb.DuckDBPyConnection, run_id
                 or (state.options(r, run_id).retry == entry["dead_letter_id"] and not
                 dead_unit_ids)):
             done.append(entry["dead_letter_id"])
-    store.resolve_dead_letters(con, done, run_id)
+    if done:
+        chain.record("resolve", {"ids": done, "run_id": run_id},
+                     lambda con: store.resolve_dead_letters(con, done, run_id))
     dead_letters.resolve(r, source, done)
     if updates_done and data.get("plan_updated_to"):
         checkpoints.advance_updated(r, source, data["plan_updated_to"])

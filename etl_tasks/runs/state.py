@@ -22,7 +22,8 @@ RunStatus = Literal["queued", "planning", "running", "finished", "partial", "fai
 ENDED: frozenset[str] = frozenset({"finished", "partial", "failed"})
 ACTIVE_RUNS = "etl:runs:active"  # run ids not ended yet: what the supervisor watches
 _KEEP_S = 30 * 24 * 3600  # run records are kept a month for `etl status` and dashboards
-_PARTS = ("unit", "units", "split", "chunks", "chunk_unit", "transformed", "done", "rejected",
+_PARTS = ("unit", "units", "split", "chunks", "chunk_unit", "transformed", "done", "ledger",
+          "rejected",
           "recovered", "items", "attempts", "reasons", "dead", "dead_units", "dead_chunks")
 
 
@@ -278,14 +279,27 @@ def is_transformed(r: redis.Redis, run_id: str, chunk_id: str) -> bool:
     return bool(r.sismember(key(run_id, "transformed"), chunk_id))
 
 
-def mark_done(r: redis.Redis, run_id: str, chunk_id: str, loaded: int, quarantined: int) -> None:
-    """A chunk is committed (or was already); counters feed progress displays only."""
+def mark_done(r: redis.Redis, run_id: str, chunk_id: str, loaded: int, quarantined: int,
+              unchanged: int = 0, store: str = "duckdb") -> None:
+    """A chunk is committed (in `store`), with its ledger counts: the run's summary is made
+    from these, whichever store holds the chunk."""
     with r.pipeline() as p:
         p.sadd(key(run_id, "done"), chunk_id)
+        p.hset(key(run_id, "ledger"), chunk_id,
+               json.dumps([loaded, quarantined, unchanged, store]))
         p.hincrby(key(run_id), "progress_loaded", loaded)
         p.hincrby(key(run_id), "progress_quarantined", quarantined)
         p.execute()
     touch(r, run_id)
+
+
+def ledger(r: redis.Redis, run_id: str) -> dict[str, tuple[int, int, int, str]]:
+    """chunk id -> (loaded, quarantined, unchanged, store) of every committed chunk."""
+    found = {}
+    for chunk, value in _hash(r, key(run_id, "ledger")).items():
+        loaded, held, unchanged, store = json.loads(value)
+        found[chunk] = (int(loaded), int(held), int(unchanged), str(store))
+    return found
 
 
 def is_done(r: redis.Redis, run_id: str, chunk_id: str) -> bool:
