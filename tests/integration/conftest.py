@@ -7,7 +7,8 @@ Nothing is skipped: a missing binary fails with what to install (`make test` ins
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from etl_tasks.demo_data import make_demo_data
 from etl_tasks.load import duckdb as store
 from etl_tasks.local_services import RedisServer, Worker, wait_for_workers
 from etl_tasks.resources import get_resources, reset_resources
+from tests.integration.fault_stack import FaultStack, fault_stack, make_template
 
 PIPELINE = """
 [[sources]]
@@ -131,3 +133,28 @@ def env(stack: Stack) -> Stack:
     """The stack with this process's settings pointed at it."""
     _set_env(stack.env)
     return stack
+
+
+@pytest.fixture(scope="session")
+def fault_template(stack, tmp_path_factory) -> tuple[Path, Path]:
+    """A 12,000-claim demo database each fault world copies, and the Firebird runtime folder
+    this process uses (every process opening a database must share its lock folder)."""
+    lock = os.environ.get("FIREBIRD_LOCK")
+    runtime = Path(lock).parent if lock else Path(stack.env["ETL_FIREBIRD_RUNTIME_DIR"])
+    path = tmp_path_factory.mktemp("fault-template") / "billing.fdb"
+    return make_template(path, runtime), runtime
+
+
+@pytest.fixture
+def world(fault_template, tmp_path) -> Iterator[Callable[..., FaultStack]]:
+    """Make this test's FaultStack (options as fault_stack()); stopped when the test ends."""
+    template, runtime = fault_template
+    made = 0
+    with ExitStack() as stacks:
+        def make(**options: Any) -> FaultStack:
+            nonlocal made
+            made += 1
+            return stacks.enter_context(fault_stack(tmp_path / f"world{made}", template,
+                                                    runtime, **options))
+
+        yield make

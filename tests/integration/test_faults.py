@@ -12,9 +12,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -24,7 +22,7 @@ from etl_tasks.api import RunHandle, run_source
 from etl_tasks.celery import app
 from etl_tasks.demo_data import generate_claims
 from tests.integration import oracle
-from tests.integration.fault_stack import FaultStack, fault_stack, make_template, wait_until
+from tests.integration.fault_stack import FaultStack, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -33,29 +31,6 @@ UNITS = [f"billing:keys:{lo}-{lo + 1999}" for lo in range(1, 12_000, 2_000)]
 POISON = {"ETL_FAULT_ACTION": "raise"}
 
 
-@pytest.fixture(scope="session")
-def fault_template(stack, tmp_path_factory) -> tuple[Path, Path]:
-    """A 12,000-claim demo database each fault world copies, and the Firebird runtime folder
-    this process uses (every process opening a database must share its lock folder)."""
-    lock = os.environ.get("FIREBIRD_LOCK")
-    runtime = Path(lock).parent if lock else Path(stack.env["ETL_FIREBIRD_RUNTIME_DIR"])
-    path = tmp_path_factory.mktemp("fault-template") / "billing.fdb"
-    return make_template(path, runtime), runtime
-
-
-@pytest.fixture
-def world(fault_template, tmp_path) -> Iterator[Callable[..., FaultStack]]:
-    """Make this test's FaultStack (options as fault_stack()); stopped when the test ends."""
-    template, runtime = fault_template
-    made = 0
-    with ExitStack() as stacks:
-        def make(**options: Any) -> FaultStack:
-            nonlocal made
-            made += 1
-            return stacks.enter_context(fault_stack(tmp_path / f"world{made}", template,
-                                                    runtime, **options))
-
-        yield make
 
 
 class DeathWatch:
