@@ -3,6 +3,7 @@
     >>> from etl_tasks.api import run_source
     >>> run_source("billing").wait()          # with workers and beat running
     >>> follow_run("3f2a...").wait()          # a run started elsewhere, by its id
+    >>> read_data("SELECT count(*) FROM billing_claims").store   # 'duckdb', 'cache' or 'sqlite'
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any
 import redis
 
 from etl_tasks.errors import FatalError
+from etl_tasks.load import reads, writer
+from etl_tasks.load.reads import Answer
 from etl_tasks.resources import get_resources
 from etl_tasks.runs import dead_letters, state
 from etl_tasks.runs.recovery import LOST
@@ -142,3 +145,14 @@ def retry_dead_letter(dead_letter_id: str) -> RunHandle:
         raise FatalError(f"no open dead letter {dead_letter_id}; list them with "
                          "`etl dead-letters`")
     return run_source(entry["source"], retry=dead_letter_id)
+
+
+def read_data(sql: str) -> Answer:
+    """Answer a read-only query: from DuckDB, else a fresh cached answer, else the SQLite
+    fallback; `answer.store` and `answer.as_of` say which and how fresh."""
+    return reads.read_data(get_resources().settings, sql)
+
+
+def fallbacks_waiting() -> dict[str, dict[str, int]]:
+    """Chunks and rows waiting in each fallback store for the replay into DuckDB."""
+    return writer.waiting(get_resources().settings)

@@ -280,6 +280,46 @@ def reconcile(
 
 
 @cli.command()
+def query(
+    sql: Annotated[str, typer.Argument(help="One read-only query (SELECT, WITH ...).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the answer as JSON.")] = False,
+    limit: Annotated[int, typer.Option(help="Rows to show in the table.")] = 50,
+) -> None:
+    """Query the store read-only. While DuckDB is unavailable (another process holds it) a
+    fresh cached answer of the same query, else the SQLite fallback, answers; the output says
+    which store answered and how old its data is. Writes are refused."""
+    from etl_tasks.api import read_data
+
+    answer = read_data(sql)
+    if as_json:
+        print(json.dumps(answer.public(), indent=2, default=str))
+        return
+    table = Table(title=f"answered by {answer.store}")
+    for name in answer.table.column_names:
+        table.add_column(name)
+    for row in answer.table.slice(0, limit).to_pylist():
+        table.add_row(*("" if v is None else str(v) for v in row.values()))
+    out.print(table)
+    err.print(f"{answer.table.num_rows:,} row(s) from {answer.store}: {answer.note}")
+
+
+@cli.command()
+def fallbacks(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+) -> None:
+    """How many chunks and rows wait in the SQLite fallback and the spool for the replay
+    into DuckDB (beat runs it every ETL_REPLAY_EVERY_S once DuckDB is healthy)."""
+    from etl_tasks.api import fallbacks_waiting
+
+    waiting = fallbacks_waiting()
+    if as_json:
+        print(json.dumps(waiting, indent=2))
+        return
+    for store, counts in waiting.items():
+        out.print(f"{store}: {counts['chunks']:,} chunk(s), {counts['rows']:,} row(s) waiting")
+
+
+@cli.command()
 def demo(
     claims: Annotated[int, typer.Option(help="Claims to generate when the demo data is "
                                         "missing.")] = 100_000,

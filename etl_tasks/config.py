@@ -43,9 +43,9 @@ class Settings(BaseSettings):
     """Opened for writing only by the `load` queue's single worker."""
     pipeline_config: Path | None = None
     """TOML file listing the sources; the packaged `etl_tasks/pipeline.toml` when unset."""
-    duckdb_lock_wait_s: float = Field(default=2.0, ge=0)
-    """How long the loader waits for a DuckDB file held by another process before it commits
-    to the SQLite fallback instead."""
+    store_lock_wait_s: float = Field(default=2.0, ge=0)
+    """How long the loader waits for a store held by another process (the DuckDB file, the
+    SQLite fallback's lock) before it steps down to the next store."""
     sqlite_path: Path | None = None
     """The fallback store while DuckDB is unavailable, drained back by the replay (default:
     `fallback.sqlite` in ETL_DATA_DIR)."""
@@ -83,6 +83,12 @@ class Settings(BaseSettings):
     this many times becomes a dead letter; the rest of the run goes on."""
     stall_s: float = Field(default=300.0, gt=0)
     """A waiter (`etl run --wait`, `etl wait`) reports a run with no progress for this long."""
+    breaker_failures: int = Field(default=5, ge=1)
+    """A source that fails this many times in a row with a transient error (Firebird
+    unavailable, an unreachable inbox) has its circuit opened: shared by every worker."""
+    breaker_reset_s: float = Field(default=60.0, gt=0)
+    """How long an open circuit leaves its source alone (extracts wait, planned runs are
+    skipped); the first call after it is a probe that closes it on success."""
     sentry_dsn: SecretStr | None = None
     """Errors go to Sentry when set (task arguments and local variables are never sent)."""
 

@@ -63,7 +63,7 @@ class StoreChain:
     def primary(self) -> duckdb.DuckDBPyConnection | None:
         """The primary, or None while it is unavailable (held by another process...)."""
         if self._duckdb is None and "duckdb" not in self.unavailable:
-            deadline = time.monotonic() + self.settings.duckdb_lock_wait_s
+            deadline = time.monotonic() + self.settings.store_lock_wait_s
             while True:
                 try:
                     self._duckdb = main_store.connect(self.settings.duckdb_path)
@@ -78,7 +78,8 @@ class StoreChain:
     def sqlite(self) -> sqlite3.Connection | None:
         if self._sqlite is None and "sqlite" not in self.unavailable:
             try:
-                self._sqlite = fallback.connect(self.settings.fallback_path)
+                self._sqlite = fallback.connect(self.settings.fallback_path,
+                                                self.settings.store_lock_wait_s)
             except TransientError as exc:
                 self.unavailable["sqlite"] = str(exc)
         return self._sqlite
