@@ -2,6 +2,7 @@
 
 EtlError
  ├─ TransientError     retrying later may succeed: a service down, a lock, a full pool
+ │   └─ CircuitOpen        the source's circuit breaker is open: not tried until the cool-down
  ├─ FatalError         retrying cannot help: bad config, auth, missing table, corrupt file
  │   └─ SourceFileError    one input file is unreadable or hostile; it is quarantined whole
  └─ DataQualityError   data broke a schema: quarantine and report, never retry
@@ -23,6 +24,15 @@ class EtlError(Exception):
 
 class TransientError(EtlError):
     """A retry later may succeed; Celery retries these with backoff."""
+
+
+class CircuitOpen(TransientError):
+    """The source failed too often in a row and is left alone for a cool-down; the step is
+    retried later (not counted as an attempt), a run planned meanwhile is skipped."""
+
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        self.reason = message
+        super().__init__(message, source=source)
 
 
 class FatalError(EtlError):

@@ -41,10 +41,14 @@ def is_temporary(path: Path) -> bool:
 def ready_files(inbox: Path, kind: str, settle_s: float,
                 now: float | None = None) -> list[Path]:
     """Files a source of `kind` reads that are complete: not temporary, untouched for settle_s."""
-    if not inbox.is_dir():
-        return []
+    try:
+        if not inbox.is_dir():
+            return []
+        found = [path for path in inbox.iterdir() if path.suffix.lower() in SUFFIXES[kind]]
+    except OSError as exc:  # a share gone away (EIO, ESTALE, a timeout): counted by the breaker
+        error = files.classify_os_error(exc, f"inbox {inbox}", None)
+        raise error from exc
     now = time.time() if now is None else now
-    found = [path for path in inbox.iterdir() if path.suffix.lower() in SUFFIXES[kind]]
     ready = []
     for path in sorted(found):
         try:

@@ -20,7 +20,7 @@ from etl_tasks.errors import SourceFileError, TransientError
 from etl_tasks.load import duckdb as store
 from etl_tasks.load.writer import StoreChain
 from etl_tasks.resources import Resources
-from etl_tasks.runs import items, lease, state
+from etl_tasks.runs import breakers, items, lease, state
 from etl_tasks.runs.state import Unit
 from etl_tasks.sources import excel, firebird, xml_feed
 from etl_tasks.transform import transform_chunk
@@ -64,8 +64,10 @@ def extract_unit(res: Resources, run_id: str, unit_id: str, send: Dispatch) -> i
     src, unit = ctx.src, state.unit(r, run_id, unit_id)
     faults.fault_point("extract", unit_id, r)
     chunks: dict[str, int] = {}
+    breaker = breakers.for_source(res, src.name)
     if unit.kind in ("range", "updated"):
-        with res.firebird_pool.connection() as con:
+        # The source's transient failures count against its breaker; staging's do not.
+        with breaker.guard(), res.firebird_pool.connection() as con:
             try:
                 table = firebird.fetch_range(
                     con, src.location, src.key_column, unit.lo, unit.hi,
@@ -77,6 +79,7 @@ def extract_unit(res: Resources, run_id: str, unit_id: str, send: Dispatch) -> i
         staging.put(r, run_id, unit_id, "raw", table, ttl)
         chunks[unit_id] = table.num_rows
     else:
+        breaker.check()  # an inbox's failures are counted where it is listed: the plan
         refusal = _extract_file(res, ctx, unit, chunks)
         if refusal is not None:
             # The file is refused whole: nothing of it is loaded, the reason is kept.

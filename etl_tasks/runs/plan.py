@@ -5,6 +5,7 @@ the updated mark (minus a look-back). Files: inbox files not loaded before (by c
 each claimed by this run only. Open dead letters of the source are planned again with one
 attempt (the cause may have been fixed); `etl retry` plans exactly one dead letter's work.
 A plan is recorded once: a redelivered or re-sent plan finds it recorded and does nothing.
+A source whose circuit breaker is open is not planned: the run is skipped with the reason.
 """
 
 from __future__ import annotations
@@ -17,9 +18,10 @@ from pathlib import Path
 
 from etl_tasks import checkpoints, inbox
 from etl_tasks.config import SourceConfig
-from etl_tasks.errors import FatalError
+from etl_tasks.errors import CircuitOpen, FatalError
+from etl_tasks.monitoring.alerts import alert
 from etl_tasks.resources import Resources
-from etl_tasks.runs import dead_letters, lease, state
+from etl_tasks.runs import breakers, dead_letters, lease, state
 from etl_tasks.runs.state import Unit
 from etl_tasks.sources import firebird
 
@@ -66,12 +68,18 @@ def plan_run(res: Resources, run_id: str, source: str,
     options = state.options(r, run_id)
     open_letters = dead_letters.open_letters(r, src.name)
     skipped, updated_to = 0, None
-    if options.retry:
-        units = [_retry_unit(src, options.retry, open_letters)]
-    elif src.kind == "firebird":
-        units, updated_to = _plan_firebird(res, src, options)
-    else:
-        units, skipped = _plan_files(res, src, run_id, options)
+    try:
+        if options.retry:
+            units = [_retry_unit(src, options.retry, open_letters)]
+        elif src.kind == "firebird":
+            with breakers.for_source(res, src.name).guard():
+                units, updated_to = _plan_firebird(res, src, options)
+        else:
+            with breakers.for_source(res, src.name).guard():
+                units, skipped = _plan_files(res, src, run_id, options)
+    except CircuitOpen as exc:
+        _skip(res, run_id, src.name, exc.reason)
+        return []
     units = [_one_attempt_if_dead(u, open_letters) for u in units]
     if not state.record_plan(r, run_id, units, skipped, updated_to):
         return []
@@ -81,6 +89,15 @@ def plan_run(res: Resources, run_id: str, source: str,
     for u in units:
         dispatch_extract(run_id, u.unit_id)
     return units
+
+
+def _skip(res: Resources, run_id: str, source: str, reason: str) -> None:
+    """The source's circuit is open: the run fails at once with why, frees the source, and
+    leaves the work to the next run (the checkpoints did not move)."""
+    reason = f"{reason}; the next run catches up from the checkpoint"
+    state.fail(res.redis, run_id, reason)
+    lease.release(res.redis, source, run_id)
+    alert("warning", f"run {run_id} of {source} skipped: {reason}")
 
 
 def _one_attempt_if_dead(unit: Unit, open_letters: list[dict[str, object]]) -> Unit:

@@ -1,0 +1,1 @@
+"""Monitoring: alerts for on-call people (and, later, metrics and thresholds)."""
