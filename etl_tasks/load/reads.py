@@ -71,7 +71,7 @@ def read_data(settings: Settings, sql: str) -> Answer:
     cache = _cache_path(settings, sql)
     try:
         with main_store.read_only(settings.duckdb_path, settings.store_lock_wait_s) as con:
-            table = con.execute(sql).to_arrow_table()
+            table = con.sql(sql).to_arrow_table()
     except TransientError as exc:
         why = str(exc)
     else:

@@ -61,15 +61,15 @@ def replay(chain: StoreChain) -> Replayed:
     if lite is not None:
         for item in fallback.pending(lite):
             entry, valid, quarantined = fallback.read_chunk(lite, item["seq"])
-            _commit(con, item["source"], item["target_table"], item["dataset"], entry, valid,
-                    quarantined)
+            _commit(chain, con, item["source"], item["target_table"], item["dataset"], entry,
+                    valid, quarantined)
             fallback.delete_chunk(lite, item["seq"])
             done.chunks += 1
             done.rows += valid.num_rows + quarantined.num_rows
             done.by_store["sqlite"] = done.by_store.get("sqlite", 0) + 1
     for folder in spool.pending(chain.settings.spool_path):
         meta, valid, quarantined = spool.read_chunk(folder)
-        _commit(con, meta["source"], meta["target_table"], meta["dataset"],
+        _commit(chain, con, meta["source"], meta["target_table"], meta["dataset"],
                 LedgerEntry(**meta["entry"]), valid, quarantined)
         spool.delete_chunk(folder)
         done.chunks += 1
@@ -90,14 +90,14 @@ def replay(chain: StoreChain) -> Replayed:
     return done
 
 
-def _commit(con: duckdb.DuckDBPyConnection, source: str, table: str, dataset: str,
-            entry: LedgerEntry, valid: Any, quarantined: Any) -> None:
+def _commit(chain: StoreChain, con: duckdb.DuckDBPyConnection, source: str, table: str,
+            dataset: str, entry: LedgerEntry, valid: Any, quarantined: Any) -> None:
     if primary.ledger_counts(con, entry.run_id, entry.chunk_id) is not None:
         return  # committed by an earlier replay that died before deleting it
     primary.write_chunk(
         con, source=source, table=table, dataset=dataset, entry=entry, valid=valid,
         quarantined=quarantined,
-        fault=lambda point: faults.fault_point("replay", entry.chunk_id)
+        fault=lambda point: faults.fault_point("replay", entry.chunk_id, chain.redis)
         if point == "after_commit" else None)
 
 

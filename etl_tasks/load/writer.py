@@ -110,17 +110,22 @@ class StoreChain:
         con = self.primary()
         if con is not None:
             try:
-                return self._used("duckdb"), main_store.write_chunk(con, **args, fault=fault)
+                result = main_store.write_chunk(con, **args, fault=fault)
             except TransientError as exc:
                 self.unavailable["duckdb"] = str(exc)
+            else:
+                return self._used("duckdb"), result
         lite = self.sqlite()
         if lite is not None:
             try:
-                return self._used("sqlite"), fallback.write_chunk(lite, **args, fault=fault)
+                result = fallback.write_chunk(lite, **args, fault=fault)
             except TransientError as exc:
                 self.unavailable["sqlite"] = str(exc)
+            else:
+                return self._used("sqlite"), result
         # The last resort; its failure (a full disk) is raised: nothing was stored.
-        return self._used("spool"), spool.write_chunk(self.settings.spool_path, **args)
+        result = spool.write_chunk(self.settings.spool_path, **args)
+        return self._used("spool"), result
 
     def record(self, kind: str, payload: dict[str, Any],
                apply: Callable[[duckdb.DuckDBPyConnection], None]) -> Store:
