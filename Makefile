@@ -1,7 +1,11 @@
 # `make demo` runs the main job end to end; `make test` runs the test suite.
 # Both create .venv, install the pinned Python packages and, when missing, the system
 # packages they need (redis-server, libtommath1 for the embedded Firebird engine; for the
-# tests also LibreOffice Calc, which makes workbooks the way another tool than openpyxl does).
+# tests also LibreOffice Calc, which makes workbooks the way another tool than openpyxl does,
+# and firebird3.0-server, whose server binary the tests start privately on a free loopback
+# port to stop and kill it; they never use the package's own service, whether or not it
+# runs. Non-interactive, its debconf question is not asked and the package gives its own
+# service's SYSDBA a random password, which the tests do not need).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -15,7 +19,7 @@ demo: venv
 	$(VENV)/bin/etl demo
 
 # Target-specific, so it reaches the system-deps prerequisite of `make test` only.
-test: NEED_LIBREOFFICE := 1
+test: NEED_TEST_PACKAGES := 1
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
 
@@ -23,18 +27,22 @@ lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy etl_tasks workers beat_schedule.py
 
+# DEBIAN_FRONTEND goes through `env`: sudo would drop it from the environment, and
+# firebird3.0-server's debconf would then ask for a password.
 system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	/sbin/ldconfig -p 2>/dev/null | grep -q 'libtommath.so.1 ' || missing="$$missing libtommath1"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
-	if [ -n "$(NEED_LIBREOFFICE)" ]; then \
+	if [ -n "$(NEED_TEST_PACKAGES)" ]; then \
 	  command -v soffice >/dev/null 2>&1 || missing="$$missing libreoffice-calc-nogui"; \
+	  { [ -x /usr/sbin/firebird ] && command -v isql-fb >/dev/null 2>&1; } || \
+	    missing="$$missing firebird3.0-server"; \
 	fi; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then \
 	    echo "Installing system packages:$$missing"; \
-	    $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
+	    $(SUDO) apt-get update -q && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	  else \
 	    echo "Missing system packages:$$missing. Install them (Debian/Ubuntu: apt-get install --no-install-recommends$$missing) and run make again." >&2; \
 	    exit 1; \

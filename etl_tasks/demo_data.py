@@ -1,4 +1,7 @@
-"""The demo sources: an embedded Firebird billing database, lab feed XML, registration Excel.
+"""The demo sources: a Firebird billing database, lab feed XML, registration Excel.
+
+The billing database is an embedded database file by default, or made through a Firebird
+server when the target is a server DSN (`ETL_FIREBIRD_DSN=host/port:path`).
 
 Claims are generated inside Firebird (one EXECUTE BLOCK, one transaction): 1,000,000 rows in
 about 15 s, where row-by-row inserts from Python would take minutes. Defects are planted on
@@ -78,11 +81,12 @@ def generate_claims(target: FirebirdTarget, first_id: int, count: int) -> None:
 
 
 def make_billing_db(target: FirebirdTarget, claims: int) -> None:
-    """Create the BILLING_CLAIMS database from scratch with `claims` rows."""
-    path = Path(target.dsn)
-    if path.exists():
-        path.unlink()
-    con = create_database(target)
+    """Create the BILLING_CLAIMS database from scratch with `claims` rows: a file for the
+    embedded engine, or through a Firebird server (a `host/port:path` DSN), replacing a
+    database already there."""
+    if target.embedded:
+        Path(target.dsn).unlink(missing_ok=True)
+    con = create_database(target, overwrite=True)
     try:
         con.execute_immediate(_DDL)
         con.execute_immediate("CREATE INDEX IX_CLAIMS_UPDATED ON BILLING_CLAIMS (UPDATED_AT)")

@@ -121,17 +121,31 @@ def connect(target: FirebirdTarget) -> Any:
         raise classify(exc) from exc
 
 
-def create_database(target: FirebirdTarget) -> Any:
+def create_database(target: FirebirdTarget, *, overwrite: bool = False) -> Any:
+    """A new, empty database at the target (a file for the embedded engine, or on the
+    server); `overwrite` replaces one that exists."""
     configure_runtime(target.runtime_dir)
     from firebird.driver import create_database as fb_create
 
+    if not target.embedded:
+        try:
+            return fb_create(target.dsn, user=target.user, password=target.password,
+                             overwrite=overwrite)
+        except Exception as exc:
+            raise classify(exc) from exc
     Path(target.dsn).parent.mkdir(parents=True, exist_ok=True)
     return fb_create(str(Path(target.dsn).resolve()), user=target.user,
-                     password=target.password)
+                     password=target.password, overwrite=overwrite)
 
 
 class ConnectionPool:
-    """A bounded pool of connections; waiting longer than `timeout` is a transient error."""
+    """A bounded pool of connections; waiting longer than `timeout` is a transient error.
+
+    A connection that fails mid-use is closed, not returned. When the failure says the server
+    went away (`connection_lost`), the idle connections are closed too: they point at the
+    same dead server process (after a restart, at its predecessor) and would each fail once
+    more on their next use.
+    """
 
     def __init__(self, target: FirebirdTarget, size: int, timeout: float) -> None:
         self.target, self.size, self.timeout = target, size, timeout
@@ -153,9 +167,11 @@ class ConnectionPool:
             if con.main_transaction.is_active():
                 con.commit()  # end the read transaction so the next use sees new rows
             self._idle.put(con)
-        except BaseException:
+        except BaseException as exc:
             if con is not None:
                 _close_quietly(con)  # a connection that failed mid-use is not reused
+            if connection_lost(exc):
+                self.close()
             raise
         finally:
             self._slots.release()
@@ -301,25 +317,67 @@ def _parse_failure_reason(exc: BaseException) -> str:
     return type(exc).__name__
 
 
+# Firebird status codes (iberror.h) that say the server or the connection went away: a
+# server stopped or killed, restarting, or a connection cut by its administrator.
+CONNECTION_LOST_CODES = frozenset({
+    335544721,  # isc_network_error: Unable to complete network request to host
+    335544722,  # isc_net_connect_err: Failed to establish a connection (refused)
+    335544726,  # isc_net_read_err: Error reading data from the connection
+    335544727,  # isc_net_write_err: Error writing data to the connection
+    335544741,  # isc_lost_db_connection: Connection lost to database
+    335544856,  # isc_att_shutdown: connection shutdown
+    335544528,  # isc_shutdown: database shutdown
+})
+_CONNECTION_LOST_MARKS = ("unable to complete network request", "failed to establish",
+                          "connection refused", "error reading data from the connection",
+                          "error writing data to the connection", "connection lost",
+                          "connection shutdown", "shutdown")
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """Does `exc` (or an error it was raised from) say the server or connection went away?"""
+    seen: BaseException | None = exc
+    for _ in range(4):  # the driver's error, possibly wrapped by classify()
+        if seen is None:
+            return False
+        if CONNECTION_LOST_CODES.intersection(getattr(seen, "gds_codes", ()) or ()):
+            return True
+        if not isinstance(seen, EtlError) and any(
+                mark in str(seen).lower() for mark in _CONNECTION_LOST_MARKS):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
 def classify(exc: BaseException, where: str = "") -> EtlError:
     """Map a firebird-driver exception to the error tree (anything unknown is fatal).
 
     Messages keep only what is safe to show: Firebird's own text can quote a value (a failed
     conversion does), so an unrecognized error shows its type and SQL code, never its text.
-    `where` names what was being read (a table, a key range).
+    `where` names what was being read (a table, a key range). A server that is down,
+    restarting or shutting down, or a connection lost on the way, is transient.
     """
     if isinstance(exc, EtlError):
         return exc
     text = str(exc).lower()
     at = f" ({where})" if where else ""
-    transient_marks = ("lock conflict", "deadlock", "connection shutdown", "unavailable",
-                       "connection lost", "network", "timeout", "too many")
+    if connection_lost(exc):
+        return TransientError(f"Firebird server unreachable or connection lost{at} "
+                              f"({type(exc).__name__}); will retry", source="firebird")
+    transient_marks = ("lock conflict", "deadlock", "unavailable", "network", "timeout",
+                       "too many")
     if any(mark in text for mark in transient_marks):
         return TransientError(f"Firebird unavailable{at} ({type(exc).__name__}); will retry",
                               source="firebird")
     if "password" in text or "user name" in text:
         return FatalError("Firebird rejected the credentials; check ETL_FIREBIRD_USER and "
                           "ETL_FIREBIRD_PASSWORD", source="firebird")
+    if "no such file or directory" in text:
+        return FatalError("the Firebird database named by ETL_FIREBIRD_DSN does not exist "
+                          "on its server; check the path after the host", source="firebird")
+    if "is not allowed by server configuration" in text:
+        return FatalError("the Firebird server refuses to open a database at the path in "
+                          "ETL_FIREBIRD_DSN (its DatabaseAccess setting)", source="firebird")
     if "table unknown" in text:
         return FatalError(f"a table named in the pipeline config does not exist in the Firebird "
                           f"database{at}; check the source's location", source="firebird")
