@@ -130,3 +130,147 @@ def wait_for_workers(app_control: object, names: list[str], timeout: float = 60)
         if all(any(s.startswith(prefix) for s in seen) for prefix in names):
             return
     raise FatalError(f"workers {names} did not come up within {timeout:.0f}s; see their logs")
+
+
+FIREBIRD_SERVER_PACKAGE = "firebird3.0-server"
+_FIREBIRD_BINARY = Path("/usr/sbin/firebird")
+_FIREBIRD_SECURITY_SQL = Path("/usr/share/firebird/3.0/security.sql")
+
+
+def _firebird_server_files() -> tuple[Path, Path, Path]:
+    """The server binary, its root folder (plugins, intl, firebird.msg) and isql-fb of
+    Debian's firebird3.0-server; a FatalError naming the package when one is missing."""
+    roots = sorted(Path("/usr/lib").glob("*/firebird/3.0"))  # multiarch: x86_64-linux-gnu
+    root = next((r for r in roots if (r / "firebird.msg").exists()), None)
+    isql = shutil.which("isql-fb")
+    if not _FIREBIRD_BINARY.exists() or root is None or isql is None or \
+            not _FIREBIRD_SECURITY_SQL.exists():
+        raise FatalError(f"the Firebird server is not installed: run `sudo apt-get install "
+                         f"{FIREBIRD_SERVER_PACKAGE}` (Debian/Ubuntu; `make test` installs it)")
+    return _FIREBIRD_BINARY, root, Path(isql)
+
+
+@dataclass
+class FirebirdServer:
+    """A private Firebird 3 server (Debian's firebird3.0-server) on a free loopback port.
+
+    Not the system service: a child process of whoever starts it, stopped (`stop`, SIGTERM),
+    killed (`kill`, SIGKILL) and started again on the same port by its owner. Everything it
+    uses is under `directory`: `conf/` (its own firebird.conf, named by FIREBIRD, with
+    symbolic links to the package's plugins, intl and messages), `lock/` (FIREBIRD_LOCK),
+    `system/security3.fdb` (its own security database, made once with isql-fb, where SYSDBA
+    has `password` under Srp, which the Firebird 5 client of the firebird-embedded wheel
+    speaks), `server.log` (its output; the package's build keeps its own log in
+    /var/log/firebird). Databases can only be opened under `directory` (DatabaseAccess):
+    `dsn(path)` names one for ETL_FIREBIRD_DSN.
+    """
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    user: str = "SYSDBA"
+    password: str = "masterkey"
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def security_db(self) -> Path:
+        return self.directory / "system" / "security3.fdb"
+
+    @property
+    def log_path(self) -> Path:
+        return self.directory / "server.log"
+
+    def dsn(self, path: Path | str) -> str:
+        """`127.0.0.1/<port>:<path>`: a database file of this server, for ETL_FIREBIRD_DSN."""
+        return f"127.0.0.1/{self.port}:{Path(path).resolve()}"
+
+    def start(self) -> FirebirdServer:
+        binary, root, isql = _firebird_server_files()
+        self.directory = self.directory.resolve()
+        self._configure(root, isql)
+        with self.log_path.open("ab") as log:
+            self.process = subprocess.Popen([str(binary)], env=self._env(), cwd=self.directory,
+                                            stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + 15
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                    return self
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    self.stop(signal.SIGKILL)
+                    raise FatalError(f"the Firebird server did not start on port {self.port}; "
+                                     f"see {self.log_path} and /var/log/firebird/") from None
+                time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop the server (SIGTERM: it closes its connections and exits); SIGKILL after 30 s."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.process = None
+
+    def kill(self) -> None:
+        """kill -9 the server: its clients' connections break mid-statement."""
+        self.stop(signal.SIGKILL)
+
+    def _env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("LD_LIBRARY_PATH", "ISC_USER", "ISC_PASSWORD")}
+        env.update(FIREBIRD=str(self.directory / "conf"),
+                   FIREBIRD_LOCK=str(self.directory / "lock"),
+                   FIREBIRD_TMP=str(self.directory / "tmp"))
+        return env
+
+    def _configure(self, root: Path, isql: Path) -> None:
+        """Write the server's folders and configuration; make its security database once."""
+        conf = self.directory / "conf"
+        for folder in (conf, self.directory / "lock", self.directory / "tmp",
+                       self.security_db.parent):
+            folder.mkdir(parents=True, exist_ok=True)
+        for item in root.iterdir():
+            link = conf / item.name
+            if item.name in ("firebird.conf", "databases.conf") or link.is_symlink():
+                continue
+            link.symlink_to(item)
+        # The build fixes where plugins and intl live; the configuration and messages are
+        # read from the root that FIREBIRD names (this folder).
+        (conf / "firebird.conf").write_text(
+            "# A private server for tests, written by etl_tasks.local_services.FirebirdServer\n"
+            f"RemoteServicePort = {self.port}\n"
+            "RemoteBindAddress = 127.0.0.1\n"
+            f"DatabaseAccess = Restrict {self.directory}\n"
+            f"SecurityDatabase = {self.security_db}\n"
+            "AuthServer = Srp\n"
+            "UserManager = Srp\n"
+            "ServerMode = Super\n"
+            "UdfAccess = None\n"
+            f"TempDirectories = {self.directory / 'tmp'}\n")
+        (conf / "databases.conf").write_text(
+            f"security.db = {self.security_db}\n{{\n    RemoteAccess = false\n}}\n")
+        if not self.security_db.exists():
+            self._make_security_db(isql)
+
+    def _make_security_db(self, isql: Path) -> None:
+        """The security database, made as Debian's postinst makes the system one (isql-fb
+        on the embedded engine), with SYSDBA's Srp password set."""
+        password = self.password.replace("'", "''")
+        steps = [
+            ([str(isql), "-q", "-b"], f"CREATE DATABASE '{self.security_db}';\n"),
+            ([str(isql), "-q", "-b", "-user", self.user, "-i", str(_FIREBIRD_SECURITY_SQL),
+              str(self.security_db)], ""),
+            ([str(isql), "-q", "-b", "-user", self.user, str(self.security_db)],
+             f"CREATE OR ALTER USER {self.user} PASSWORD '{password}' USING PLUGIN Srp;\n"
+             "COMMIT;\n"),
+        ]
+        for command, script in steps:
+            done = subprocess.run(command, input=script.encode(), env=self._env(),
+                                  cwd=self.directory, capture_output=True, timeout=60)
+            if done.returncode != 0:
+                self.security_db.unlink(missing_ok=True)
+                raise FatalError(f"could not make the Firebird server's security database "
+                                 f"{self.security_db}: isql-fb exited {done.returncode}: "
+                                 f"{done.stderr.decode(errors='replace').strip()[:500]}")

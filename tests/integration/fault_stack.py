@@ -5,6 +5,9 @@ so it cannot share the session stack. `FaultStack` starts a redis-server on a fr
 the test owns (kill -9 and restart on the same port, empty or from its append-only file), a
 copy of a small demo database, a pipeline config with manual schedules, and the fleet, the
 loader and beat as real processes with the stack's environment plus the test's fault points.
+With `firebird_server=True` the billing source is a private Firebird server instead (Debian's
+firebird3.0-server on a free loopback port, `FaultStack.firebird_server`, to stop, kill and
+start again) holding a fresh demo database made through it.
 While the stack is open, `etl_tasks` in the test process points at it; on exit everything is
 killed and the previous settings come back, even when the test failed.
 """
@@ -28,7 +31,7 @@ import redis
 from etl_tasks.celery import app, use_redis
 from etl_tasks.config import get_settings
 from etl_tasks.load import duckdb as store
-from etl_tasks.local_services import RedisServer, Worker, wait_for_workers
+from etl_tasks.local_services import FirebirdServer, RedisServer, Worker, wait_for_workers
 from etl_tasks.resources import reset_resources
 from etl_tasks.sources.firebird import FirebirdTarget, connect
 
@@ -107,6 +110,8 @@ class FaultStack:
     """time.monotonic() of the injected fault, for the oracle's recovery time."""
     ended_at: float | None = None
     """time.monotonic() when the test saw the run end."""
+    firebird_server: FirebirdServer | None = None
+    """The source's Firebird server, when the stack has one (else the embedded engine)."""
 
     # -- processes ------------------------------------------------------------------------
     def start_worker(self, role: str, name: str | None = None, extra_env: dict[str, str] | None
@@ -175,6 +180,8 @@ class FaultStack:
         for name in list(self.workers):
             self.kill(name)
         self.redis_server.stop(signal.SIGKILL)
+        if self.firebird_server is not None:
+            self.firebird_server.kill()
 
     # -- Redis ----------------------------------------------------------------------------
     @property
@@ -219,7 +226,10 @@ class FaultStack:
             return con.execute(sql, params or []).fetchall()
 
     def logs(self) -> str:
-        return f"worker logs in {self.root / 'logs'}, redis log in {self.redis_server.directory}"
+        where = f"worker logs in {self.root / 'logs'}, redis log in {self.redis_server.directory}"
+        if self.firebird_server is not None:
+            where += f", Firebird server log {self.firebird_server.log_path}"
+        return where
 
 
 def make_template(path: Path, runtime_dir: Path, claims: int = CLAIMS) -> Path:
@@ -235,11 +245,13 @@ def make_template(path: Path, runtime_dir: Path, claims: int = CLAIMS) -> Path:
 @contextmanager
 def fault_stack(root: Path, template: Path, runtime_dir: Path, *, appendonly: bool = False,
                 location: str = "BILLING_CLAIMS", schedule: str = '"manual"',
-                env: dict[str, str] | None = None) -> Iterator[FaultStack]:
+                env: dict[str, str] | None = None,
+                firebird_server: bool = False) -> Iterator[FaultStack]:
     """A FaultStack with Redis up and this process pointed at it; no worker started yet.
 
     runtime_dir must be the Firebird runtime folder this process already uses (its lock
-    folder is shared by every process opening a database).
+    folder is shared by every process opening a database). With `firebird_server`, the
+    stack's ETL_FIREBIRD_DSN names a CLAIMS-claim database on its own Firebird server.
     """
     saved = dict(os.environ)
     data = root / "data"
@@ -261,9 +273,18 @@ def fault_stack(root: Path, template: Path, runtime_dir: Path, *, appendonly: bo
         **FAST_SUPERVISOR,
         **(env or {}),
     }
-    stack = FaultStack(root, stack_env, server)
+    fb_server = FirebirdServer(root / "firebird") if firebird_server else None
+    if fb_server is not None:
+        stack_env["ETL_FIREBIRD_DSN"] = (env or {}).get(
+            "ETL_FIREBIRD_DSN", fb_server.dsn(fb_server.directory / "billing.fdb"))
+    stack = FaultStack(root, stack_env, server, firebird_server=fb_server)
     try:
         server.start()
+        if fb_server is not None:
+            from etl_tasks.demo_data import make_billing_db
+
+            fb_server.start()
+            make_billing_db(stack.firebird_target, CLAIMS)
         point_process_at(stack_env)
         yield stack
     finally:
