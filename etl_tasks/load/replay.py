@@ -20,7 +20,8 @@ from etl_tasks.load import duckdb as primary
 from etl_tasks.load import spool
 from etl_tasks.load import sqlite as fallback
 from etl_tasks.load.duckdb import LedgerEntry
-from etl_tasks.load.writer import StoreChain, alert
+from etl_tasks.load.writer import StoreChain
+from etl_tasks.monitoring.alerts import alert
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ def replay(chain: StoreChain) -> Replayed:
         path.unlink()
         done.records += 1
     if done.chunks or done.records:
-        alert(logging.INFO, f"replayed {done.chunks} chunk(s), {done.rows} row(s) and "
+        alert("info", f"replayed {done.chunks} chunk(s), {done.rows} row(s) and "
                             f"{done.records} record(s) from the fallbacks into DuckDB")
     return done
 

@@ -30,12 +30,13 @@ from etl_tasks.load import duckdb as main_store
 from etl_tasks.load import spool
 from etl_tasks.load import sqlite as fallback
 from etl_tasks.load.duckdb import LedgerEntry, WriteResult
+from etl_tasks.monitoring.alerts import Severity, alert
 
 log = logging.getLogger(__name__)
 
 Store = Literal["duckdb", "sqlite", "spool"]
 ACTIVE_STORE = "etl:store:active"  # which store took the last write (alerts on changes)
-_SEVERITY = {"duckdb": logging.INFO, "sqlite": logging.WARNING, "spool": logging.CRITICAL}
+_SEVERITY: dict[Store, Severity] = {"duckdb": "info", "sqlite": "warning", "spool": "critical"}
 
 
 class StoreChain:
@@ -164,11 +165,6 @@ class StoreChain:
                           if store != "duckdb" else ""))
             alert(_SEVERITY[store], message)
         return store
-
-
-def alert(level: int, message: str) -> None:
-    """The alert path that exists today: a log line with its severity."""
-    log.log(level, "ALERT %s: %s", logging.getLevelName(level).lower(), message)
 
 
 def waiting(settings: Settings) -> dict[str, dict[str, int]]:
