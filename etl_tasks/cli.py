@@ -335,7 +335,8 @@ def demo(
     from etl_tasks.resources import reset_resources
 
     settings = _settings()
-    if fresh or not Path(settings.firebird_dsn).exists():
+    # A server DSN is not a local path: its demo data is made only when asked (--fresh).
+    if fresh or (_firebird_target().embedded and not Path(settings.firebird_dsn).exists()):
         demo_data(claims=claims)
     started: list = []  # type: ignore[type-arg]
     try:
