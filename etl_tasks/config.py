@@ -89,6 +89,11 @@ class Settings(BaseSettings):
     breaker_reset_s: float = Field(default=60.0, gt=0)
     """How long an open circuit leaves its source alone (extracts wait, planned runs are
     skipped); the first call after it is a probe that closes it on success."""
+    stage_window: int = Field(default=4, ge=1)
+    """Backpressure: at most this many chunks of a run extracted but not committed (staged
+    in Redis); more extraction waits for commits. About twice the fleet's processes (2 on
+    the 2-core reference machine): enough to keep the fleet and the loader busy. Redis needs
+    about window x runs in flight x a chunk's payloads for staging (docs/configuration.md)."""
     sentry_dsn: SecretStr | None = None
     """Errors go to Sentry when set (task arguments and local variables are never sent)."""
 

@@ -2,19 +2,23 @@
 
 Enabled only by the environment, so production code paths run unchanged:
 
-    ETL_FAULT_POINT=<point>[:<n>][@<match>]     ETL_FAULT_ACTION=kill|raise   (default kill)
+    ETL_FAULT_POINT=<point>[:<n>][@<match>]
+    ETL_FAULT_ACTION=kill|raise|memory|delay:<seconds>   (default kill)
 
 `point` is one of POINTS; `match` a substring of the unit or chunk id at that point; `:n`
 fires only on the n-th matching hit counted across every process (a Redis counter), once.
 Without `:n` it fires on every matching hit (poison work). `kill` is a real SIGKILL of the
-process; `raise` an unclassified error, as a bug in a reader would raise. FAULTS.md explains
-why: a timed `kill -9` hits a window only by luck; a fault point makes it deterministic.
+process; `raise` an unclassified error, as a bug in a reader would raise; `memory` a
+MemoryError, as a chunk too big for the worker's memory does; `delay:S` sleeps S seconds (a
+loader slower than the fleet). FAULTS.md explains why: a timed `kill -9` hits a window only by
+luck; a fault point makes it deterministic.
 """
 
 from __future__ import annotations
 
 import os
 import signal
+import time
 
 import redis
 
@@ -36,6 +40,12 @@ def fault_point(name: str, item: str, r: redis.Redis | None = None) -> None:
         return
     if nth and (r is None or int(r.incr(f"etl:fault:{spec}")) != int(nth)):
         return
-    if os.environ.get("ETL_FAULT_ACTION", "kill") == "raise":
+    action = os.environ.get("ETL_FAULT_ACTION", "kill")
+    if action == "raise":
         raise InjectedFault(f"fault point {name} for {item}")
+    if action == "memory":
+        raise MemoryError(f"fault point {name} for {item}")
+    if action.startswith("delay:"):
+        time.sleep(float(action.removeprefix("delay:")))
+        return
     os.kill(os.getpid(), signal.SIGKILL)

@@ -32,12 +32,15 @@ class RedisServer:
     """A redis-server on a free loopback port, append-only file in `directory`.
 
     With `appendonly=False` it keeps nothing: a restart starts empty (the fault tests' case).
+    `maxmemory` bounds it with `noeviction`: a full Redis refuses writes (staging treats that
+    as a transient error) rather than evicting queues, run state or staged chunks.
     """
 
     directory: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     appendonly: bool = True
+    maxmemory: str = "1gb"
 
     @property
     def url(self) -> str:
@@ -52,7 +55,8 @@ class RedisServer:
         self.process = subprocess.Popen(
             [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
              str(self.directory.resolve()), "--appendonly", "yes" if self.appendonly else "no",
-             "--appendfsync", "everysec", "--save", "", "--logfile", "redis.log"],
+             "--appendfsync", "everysec", "--save", "", "--logfile", "redis.log",
+             "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         client = redis.Redis.from_url(self.url)
         deadline = time.monotonic() + 15

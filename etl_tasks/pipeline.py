@@ -20,7 +20,7 @@ from etl_tasks.errors import SourceFileError, TransientError
 from etl_tasks.load import duckdb as store
 from etl_tasks.load.writer import StoreChain
 from etl_tasks.resources import Resources
-from etl_tasks.runs import breakers, items, lease, state
+from etl_tasks.runs import breakers, items, lease, state, window
 from etl_tasks.runs.state import Unit
 from etl_tasks.sources import excel, firebird, xml_feed
 from etl_tasks.transform import transform_chunk
@@ -89,11 +89,13 @@ def extract_unit(res: Resources, run_id: str, unit_id: str, send: Dispatch) -> i
             log.warning("run %s: file %s quarantined: %s", run_id, Path(unit.path).name,
                         refusal)
             send.finalize(run_id)  # no load will follow; the loader checks completeness
+            admit_next(res, run_id, send)
             return 0
     # Register before dispatching, so the loader never sees a run as complete too early.
     state.register_chunks(r, run_id, unit_id, chunks)
     if not chunks:
         send.finalize(run_id)
+        admit_next(res, run_id, send)  # nothing staged: the slot is free again
     for chunk_id in chunks:
         send.transform(run_id, chunk_id)
     return sum(chunks.values())
@@ -178,6 +180,7 @@ def load_staged(res: Resources, chain: StoreChain, run_id: str, chunk_id: str,
     state.mark_done(r, run_id, chunk_id, result.loaded, result.quarantined, result.unchanged,
                     where)
     staging.drop(r, run_id, chunk_id)
+    admit_next(res, run_id, send)  # a slot of the run's window is free
     if src.kind == "firebird":
         checkpoints.advance_key(r, src.name, state.units(r, run_id),
                                 state.done_chunks(r, run_id),
@@ -198,6 +201,12 @@ def _ledger_entry(res: Resources, run_id: str, chunk_id: str) -> store.LedgerEnt
         key_lo=unit.lo if ranged else None, key_hi=unit.hi if ranged else None,
         file_sha256=unit.sha256 or None, unit_chunks=max(siblings, 1),
         source_version=state.info(r, run_id).get("plan_updated_to"))
+
+
+def admit_next(res: Resources, run_id: str, send: Dispatch) -> None:
+    """Dispatch the held units the run's window admits now (runs/window.py)."""
+    for unit_id in window.release(res.redis, run_id, res.settings.stage_window):
+        send.extract(run_id, unit_id)
 
 
 def restage(res: Resources, run_id: str, chunk_id: str, send: Dispatch) -> None:

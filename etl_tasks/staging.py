@@ -3,19 +3,25 @@
 Messages carry only run and chunk ids; the rows (patient data) live here until the load
 commits, then are deleted. Keys are scoped by run, so two runs never read or delete each
 other's payloads. A payload that is gone before it was used (expired, or Redis lost it) raises
-`StagingLost`: the pipeline extracts that unit again rather than failing the run.
+`StagingLost`: the pipeline extracts that unit again rather than failing the run. A full
+Redis is a `TransientError` (retried), checked here once for every stage that stages.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Literal
 
 import pyarrow as pa
 import redis
 
-from etl_tasks.errors import EtlError
+from etl_tasks.errors import EtlError, TransientError
 
 Stage = Literal["raw", "valid", "quarantine"]
+# Staging may fill Redis up to this share of its maxmemory; the rest is for the broker's
+# queues, results and run state, which must keep working so that loads can free room.
+STAGING_SHARE = 0.8
 _OPTIONS = pa.ipc.IpcWriteOptions(compression="zstd")
 
 
@@ -38,9 +44,37 @@ def decode(payload: bytes) -> pa.Table:
     return pa.ipc.open_stream(payload).read_all()
 
 
+@contextmanager
+def translate_errors(what: str) -> Iterator[None]:
+    """A full Redis (maxmemory reached, `noeviction`) is a transient error: the loader's
+    commits free staged payloads, so the step is retried with backoff, never a crash."""
+    try:
+        yield
+    except redis.exceptions.OutOfMemoryError as exc:
+        raise TransientError(f"Redis is full (maxmemory reached) while staging {what}; "
+                             "retried once the loader has committed staged chunks (see "
+                             "docs/configuration.md to size Redis)", source="staging") from exc
+
+
+def _check_room(r: redis.Redis, size: int, what: str) -> None:
+    """Refuse to stage past STAGING_SHARE of maxmemory: with `noeviction` a Redis over its
+    limit refuses every write, the broker's and the run's bookkeeping too, and the loader
+    could not even start the commits that would free it."""
+    memory = r.info("memory")
+    limit = int(memory.get("maxmemory", 0))
+    if limit and int(memory["used_memory"]) + size > limit * STAGING_SHARE:
+        raise TransientError(
+            f"Redis staging is full ({int(memory['used_memory']) >> 20} MB used of "
+            f"{limit >> 20} MB maxmemory) for {what}; retried once the loader has committed "
+            "staged chunks (see docs/configuration.md to size Redis)", source="staging")
+
+
 def put(r: redis.Redis, run_id: str, chunk_id: str, stage: Stage, table: pa.Table,
         ttl_s: int) -> None:
-    r.set(_key(run_id, chunk_id, stage), encode(table), ex=ttl_s)
+    payload, what = encode(table), f"the {stage} payload of chunk {chunk_id}"
+    with translate_errors(what):
+        _check_room(r, len(payload), what)
+        r.set(_key(run_id, chunk_id, stage), payload, ex=ttl_s)
 
 
 def get(r: redis.Redis, run_id: str, chunk_id: str, stage: Stage) -> pa.Table:

@@ -140,6 +140,7 @@ def _dead_letter(res: Resources, run_id: str, stage: items.Stage, item: str, rea
               attempts, entry["dead_letter_id"], reason)
     state.touch(r, run_id)
     CELERY.finalize(run_id)
+    pipeline.admit_next(res, run_id, CELERY)  # the dead work's slot in the window is free
 
 
 def _eta(when: Any) -> float:

@@ -21,7 +21,7 @@ from etl_tasks.config import SourceConfig
 from etl_tasks.errors import CircuitOpen, FatalError
 from etl_tasks.monitoring.alerts import alert
 from etl_tasks.resources import Resources
-from etl_tasks.runs import breakers, dead_letters, lease, state
+from etl_tasks.runs import breakers, dead_letters, lease, state, window
 from etl_tasks.runs.state import Unit
 from etl_tasks.sources import firebird
 
@@ -53,8 +53,8 @@ def plan_ranges(src: SourceConfig, after: int, bounds: tuple[int, int] | None,
 def plan_run(res: Resources, run_id: str, source: str,
              dispatch_extract: Callable[[str, str], None],
              dispatch_finalize: Callable[[str], None]) -> list[Unit]:
-    """Plan the run (once) and dispatch one extract per unit; [] when there was nothing to
-    do here (already planned, or the source is busy and the run was refused)."""
+    """Plan the run (once) and dispatch the extracts its window admits; [] when there was
+    nothing to do here (already planned, the source busy or its circuit open)."""
     src = res.pipeline.source(source)
     r = res.redis
     if state.is_planned(r, run_id):
@@ -86,8 +86,9 @@ def plan_run(res: Resources, run_id: str, source: str,
     log.info("planned run %s of %s: %d units", run_id, src.name, len(units))
     if not units:
         dispatch_finalize(run_id)
-    for u in units:
-        dispatch_extract(run_id, u.unit_id)
+    # The first `stage_window` units; each commit admits the next (runs/window.py).
+    for unit_id in window.release(r, run_id, res.settings.stage_window):
+        dispatch_extract(run_id, unit_id)
     return units
 
 

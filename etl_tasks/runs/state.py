@@ -186,13 +186,15 @@ def record_plan(r: redis.Redis, run_id: str, units: list[Unit], skipped: int,
             p.hset(key(run_id, "unit"), u.unit_id, u.to_json())
         if units:
             p.rpush(key(run_id, "units"), *(u.unit_id for u in units))
+            # Every unit waits for the run's window to admit it (runs/window.py).
+            p.rpush(key(run_id, "held"), *(u.unit_id for u in units))
         mapping: dict[str, str | float | int] = {"status": "running", "units_total": len(units),
                                    "plan_skipped": skipped, "started_at": time.time(),
                                    "last_progress_at": time.time()}
         if updated_to:
             mapping["plan_updated_to"] = updated_to
         p.hset(key(run_id), mapping=mapping)  # type: ignore[arg-type]
-        _keep(p, run_id, *_PARTS)
+        _keep(p, run_id, *_PARTS, "held")
         p.execute()
     return True
 
@@ -217,8 +219,9 @@ def register_chunks(r: redis.Redis, run_id: str, unit_id: str, rows: dict[str, i
         if rows:
             p.hset(key(run_id, "chunks"), mapping=dict(rows))  # type: ignore[arg-type]
             p.hset(key(run_id, "chunk_unit"), mapping=dict.fromkeys(rows, unit_id))
+            p.sadd(key(run_id, "staged"), *rows)  # in the run's window until committed
         p.sadd(key(run_id, "split"), unit_id)
-        _keep(p, run_id, "chunks", "chunk_unit", "split")
+        _keep(p, run_id, "chunks", "chunk_unit", "split", "staged")
         p.execute()
     touch(r, run_id)
 

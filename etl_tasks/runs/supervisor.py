@@ -9,7 +9,8 @@ back. So the supervisor looks at every active run and sends again what is overdu
 - every step not done, once the whole run has made no progress for `overdue_s` (so a busy
   fleet working through a long queue is left alone, and a message lost with Redis or held by
   a dead worker is replaced).
-Sending again is harmless: every step is idempotent. It also finalizes complete runs that
+Sending again is harmless: every step is idempotent. Units the run's window holds back are
+not sent; each pass admits what the window has room for. It also finalizes complete runs that
 were not finalized (the loader died between its commit and the finalize), renews the lease
 of runs it watches, and drops runs whose state Redis lost.
 """
@@ -21,7 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from etl_tasks.resources import Resources
-from etl_tasks.runs import items, lease, state
+from etl_tasks.runs import items, lease, state, window
 from etl_tasks.runs.state import ACTIVE_RUNS
 
 log = logging.getLogger(__name__)
@@ -71,6 +72,11 @@ def supervise(res: Resources, send: Sender, now: float | None = None) -> Report:
             send.finalize(run_id)
             report.finalized.append(run_id)
             continue
+        # Units the window admits now: a release that never happened (its process died
+        # between a commit and the dispatch) or slots freed without a commit.
+        for unit_id in window.release(r, run_id, res.settings.stage_window):
+            send.step("extract", run_id, unit_id)
+            report.resent.append(f"extract|{unit_id}")
         if now - last > overdue:
             # The whole run is stalled: send again every step not done, from the run's
             # own sets (this also covers a step whose message was lost before it was noted).
@@ -93,12 +99,15 @@ def supervise(res: Resources, send: Sender, now: float | None = None) -> Report:
 
 
 def missing_steps(res: Resources, run_id: str) -> list[tuple[str, str]]:
-    """Every step of a run that is neither done nor dead-lettered, at the stage it is at."""
+    """Every step of a run that is neither done nor dead-lettered, at the stage it is at;
+    units the window still holds back are not steps yet (`release` admits them)."""
     r = res.redis
     dead_units, dead_chunks = state.dead_units(r, run_id), state.dead_chunks(r, run_id)
     split = {u.unit_id for u in state.units(r, run_id) if state.is_split(r, run_id, u.unit_id)}
+    held = window.held(r, run_id)
     steps = [("extract", u.unit_id) for u in state.units(r, run_id)
-             if u.unit_id not in split and u.unit_id not in dead_units]
+             if u.unit_id not in split and u.unit_id not in dead_units
+             and u.unit_id not in held]
     done = state.done_chunks(r, run_id)
     for chunk, unit_id in state.chunk_units(r, run_id).items():
         if chunk in done or chunk in dead_chunks or unit_id in dead_units or unit_id not in split:

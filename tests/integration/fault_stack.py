@@ -245,7 +245,8 @@ def make_template(path: Path, runtime_dir: Path, claims: int = CLAIMS) -> Path:
 @contextmanager
 def fault_stack(root: Path, template: Path, runtime_dir: Path, *, appendonly: bool = False,
                 location: str = "BILLING_CLAIMS", schedule: str = '"manual"',
-                env: dict[str, str] | None = None,
+                env: dict[str, str] | None = None, chunk_size: int = CHUNK_SIZE,
+                maxmemory: str = "256mb",
                 firebird_server: bool = False) -> Iterator[FaultStack]:
     """A FaultStack with Redis up and this process pointed at it; no worker started yet.
 
@@ -258,8 +259,8 @@ def fault_stack(root: Path, template: Path, runtime_dir: Path, *, appendonly: bo
     data.mkdir(parents=True)
     shutil.copyfile(template, data / "billing.fdb")
     (root / "pipeline.toml").write_text(PIPELINE.format(location=location, schedule=schedule,
-                                                        chunk_size=CHUNK_SIZE))
-    server = RedisServer(root / "redis", appendonly=appendonly)
+                                                        chunk_size=chunk_size))
+    server = RedisServer(root / "redis", appendonly=appendonly, maxmemory=maxmemory)
     base = {k: v for k, v in saved.items() if not k.startswith("ETL_FAULT_")}
     stack_env = {
         **base,

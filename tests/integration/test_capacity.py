@@ -10,10 +10,11 @@ import time
 
 import pytest
 
+from etl_tasks import checkpoints
 from etl_tasks.api import run_source
 from etl_tasks.local_services import free_port
 from tests.integration import oracle
-from tests.integration.fault_stack import FaultStack
+from tests.integration.fault_stack import FaultStack, wait_until
 from tests.integration.test_faults import wait_end
 
 pytestmark = pytest.mark.integration
@@ -55,3 +56,43 @@ def test_source_down_opens_its_circuit_and_planned_runs_are_skipped(world):
     assert again.status == "finished", again
     assert stack.redis.get("etl:breaker:billing:pybreaker:state") == "closed"
     oracle.check(stack, "source down, circuit opened, closed by the next run")
+
+
+def _chunks_staged(stack: FaultStack, run_id: str) -> int:
+    """Chunks of the run with any payload staged in Redis (raw, valid or quarantine)."""
+    return len({name.rsplit(":", 1)[0] for name in stack.stage_keys(run_id)})
+
+
+def test_a_stopped_loader_holds_extraction_back(world):
+    """With the loader stopped, a run of 12 ranges and a window of 2 stages at most 2 chunks
+    (the supervisor, which re-sends a stalled run's steps, sends no held unit either); with
+    the loader back the run finishes with every row, once."""
+    stack: FaultStack = world(env={"ETL_STAGE_WINDOW": "2"}, chunk_size=1_000)
+    # An empty ledger: what the loader's rebuild of a fresh Redis would find (the loader is
+    # stopped, so mark the checkpoints intact instead of waiting for it).
+    checkpoints.mark_intact(stack.redis)
+    stack.start_fleet(wait=False)
+    stack.start_beat()
+    stack.wait_for("fleet-")
+    handle = run_source("billing")
+    wait_until(lambda: _chunks_staged(stack, handle.run_id) >= 2, 60,
+               "two staged chunks", 0.05)
+    most, until = 0, time.monotonic() + 12  # longer than ETL_OVERDUE_S: the run stalls
+    while time.monotonic() < until:
+        most = max(most, _chunks_staged(stack, handle.run_id))
+        time.sleep(0.05)
+    held = stack.redis.llen(f"etl:run:{handle.run_id}:held")
+    memory = int(stack.redis.info("memory")["used_memory"])
+    print(f"loader stopped: at most {most} chunks staged, {held} of 12 units held, "
+          f"redis used_memory {memory >> 10} KiB")
+    assert most == 2, f"{most} chunks staged with a window of 2"
+    assert held == 10
+    stack.start_loader()
+    summary = wait_end(stack, handle, 90)
+    assert summary.status == "finished", summary
+    [(chunks,)] = stack.query("SELECT count(*) FROM etl_load_ledger WHERE run_id = ?",
+                              [handle.run_id])
+    assert chunks == 12
+    assert stack.stage_keys(handle.run_id) == []
+    oracle.check(stack, "loader stopped, window of 2")
+

@@ -4,40 +4,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
 
 import pytest
-import redis
 
 from etl_tasks.errors import CircuitOpen, FatalError, TransientError
-from etl_tasks.local_services import RedisServer
 from etl_tasks.runs.breakers import SourceBreaker
 
 RESET_S = 2.0
-
-
-@pytest.fixture(scope="module")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    server = RedisServer(tmp_path_factory.mktemp("redis"), appendonly=False).start()
-    try:
-        yield server.url
-    finally:
-        server.stop()
-
-
-@pytest.fixture
-def client(redis_url: str) -> Iterator[Callable[[], redis.Redis]]:
-    """Make Redis clients (one per "host"), all closed when the test ends."""
-    made: list[redis.Redis] = []
-
-    def make() -> redis.Redis:
-        made.append(redis.Redis.from_url(redis_url))
-        return made[-1]
-
-    make().flushall()
-    yield make
-    for r in made:
-        r.close()
 
 
 @pytest.fixture
