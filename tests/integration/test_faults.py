@@ -206,7 +206,7 @@ def test_redis_restarted_from_its_append_only_file_mid_run(world):
 def test_staged_payloads_deleted_before_their_load(world):
     """Every staged payload deleted while the loader is down: the work is extracted again and
     the run finishes with every row, not failed."""
-    stack = world()
+    stack = world(env={"ETL_STAGE_WINDOW": "100"})  # every unit staged while the loader is down
     stack.start_all()
     # A first run while the loader is up: a fresh Redis has the loader rebuild checkpoints
     # from the ledger before anything is planned.
