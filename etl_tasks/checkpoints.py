@@ -47,7 +47,8 @@ def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str],
     ranges were read after it, so no later failure can hide an update below the mark.
     """
     mark = key_high_water(r, source)
-    ranges = [u for u in units if u.kind == "range"]
+    # In key order: a range split in halves (runs/split.py) is two ranges in its place.
+    ranges = sorted((u for u in units if u.kind == "range"), key=lambda u: u.lo)
     if not ranges or ranges[0].lo > mark + 1:
         return mark  # this run's ranges do not start at the mark (an older run, a rebuild)
     for unit in ranges:

@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     in Redis); more extraction waits for commits. About twice the fleet's processes (2 on
     the 2-core reference machine): enough to keep the fleet and the loader busy. Redis needs
     about window x runs in flight x a chunk's payloads for staging (docs/configuration.md)."""
+    min_split_keys: int = Field(default=1_000, ge=1)
+    """A key range that runs out of memory (a MemoryError, or its worker killed
+    `max_attempts` times) is split in halves and tried again while it has more keys than
+    this; at the floor it becomes a dead letter. Files are never split."""
     sentry_dsn: SecretStr | None = None
     """Errors go to Sentry when set (task arguments and local variables are never sent)."""
 

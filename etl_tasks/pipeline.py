@@ -73,6 +73,8 @@ def extract_unit(res: Resources, run_id: str, unit_id: str, send: Dispatch) -> i
                     con, src.location, src.key_column, unit.lo, unit.hi,
                     updated_column=src.updated_column,
                     since=unit.since or None, until=unit.until or None)
+            except MemoryError:
+                raise  # not the source's fault: the range is split (runs/split.py)
             except Exception as exc:
                 raise firebird.classify(
                     exc, f"table {src.location} keys {unit.lo}-{unit.hi}") from exc

@@ -3,7 +3,8 @@
 `EtlTask` owns what happens around a step: transient errors are retried by Celery with
 backoff and do not count as attempts; any other failure, or a start that never ended because
 the process died, counts as an attempt (kept in Redis, outside the message); past the limit
-the step becomes a dead letter and the rest of the run goes on.
+the step becomes a dead letter and the rest of the run goes on. A key range that runs out of
+memory (or kills its worker past the limit) is split in halves first (`runs/split.py`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from etl_tasks.load import duckdb as store
 from etl_tasks.load import replay
 from etl_tasks.load.writer import StoreChain
 from etl_tasks.resources import Resources, get_resources, reset_resources
-from etl_tasks.runs import dead_letters, items, lease, recovery, state, supervisor
+from etl_tasks.runs import dead_letters, items, lease, recovery, split, state, supervisor
 from etl_tasks.runs.finalize import finalize_run
 from etl_tasks.runs.plan import plan_run
 
@@ -63,7 +64,8 @@ class EtlTask(Task):  # type: ignore[misc]
             reason = items.last_failure(r, run_id, stage, item) or (
                 f"killed its worker {count - 1} times (out of memory, a crash in a native "
                 "library, or the hard time limit)")
-            _dead_letter(res, run_id, stage, item, reason, count - 1)
+            if not _split(res, run_id, stage, item, reason):  # smaller work may fit
+                _dead_letter(res, run_id, stage, item, reason, count - 1)
             return None
         try:
             result = super().__call__(*args, **kwargs)
@@ -72,6 +74,8 @@ class EtlTask(Task):  # type: ignore[misc]
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is counted, then handled
             reason = safe_reason(exc, self.name)
+            if isinstance(exc, MemoryError) and _split(res, run_id, stage, item, reason):
+                return None
             log.warning("%s %s of run %s failed (attempt %d of %d): %s", stage, item, run_id,
                         count, limit, reason)
             items.note_failure(r, run_id, stage, item, reason)
@@ -115,6 +119,8 @@ def _settled(r: redis.Redis, run_id: str, stage: str, item: str) -> bool:
         log.warning("run %s is unknown (its state was lost); %s of %s dropped", run_id,
                     stage, item)
         return True
+    if split.is_replaced(r, run_id, item):
+        return True  # split into parts (a range's chunk has the unit's id): they do the work
     if stage == "extract":
         return item in state.dead_units(r, run_id) or status in state.ENDED
     return item in state.dead_chunks(r, run_id) or (stage != "load" and status in state.ENDED)
@@ -127,6 +133,23 @@ def _limit(res: Resources, run_id: str, stage: str, item: str) -> int:
         return state.unit(r, run_id, unit_id).max_attempts or res.settings.max_attempts
     except KeyError:
         return res.settings.max_attempts
+
+
+def _split(res: Resources, run_id: str, stage: items.Stage, item: str, reason: str) -> bool:
+    """Out of memory, or killed again and again: a key range is split in halves and tried
+    again; False when it cannot be (a file, a range at the floor, the load stage)."""
+    r = res.redis
+    unit_id = item if stage == "extract" else state.unit_of(r, run_id, item)
+    if stage == "load" or unit_id is None:
+        return False
+    parts = split.split_unit(r, run_id, unit_id, res.settings.min_split_keys, stage, reason)
+    if parts is None:
+        return False
+    log.warning("run %s: %s of %s ran out of memory or killed its worker (%s); split into %s",
+                run_id, stage, unit_id, reason, " and ".join(p.unit_id for p in parts))
+    state.touch(r, run_id)
+    pipeline.admit_next(res, run_id, CELERY)
+    return True
 
 
 def _dead_letter(res: Resources, run_id: str, stage: items.Stage, item: str, reason: str,

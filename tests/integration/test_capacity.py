@@ -96,3 +96,27 @@ def test_a_stopped_loader_holds_extraction_back(world):
     assert stack.stage_keys(handle.run_id) == []
     oracle.check(stack, "loader stopped, window of 2")
 
+
+@pytest.mark.parametrize("stage", ["extract", "transform"])
+def test_a_range_out_of_memory_is_split_in_halves_and_loads(world, stage):
+    """A 2,000-key range whose extract (or transform) raises MemoryError at that size is
+    split into two 1,000-key ranges that load: the run finishes with no dead letter, the
+    halves are in the ledger in its place, the key mark passes them, every row once."""
+    stack: FaultStack = world()
+    stack.start_all(fleet_env={"ETL_FAULT_POINT": f"{stage}@billing:keys:4001-6000",
+                               "ETL_FAULT_ACTION": "memory"})
+    stack.mark_fault()
+    handle = run_source("billing")
+    summary = wait_end(stack, handle, 120)
+    assert summary.status == "finished", summary
+    assert summary.dead_letters == []
+    ledger = {c for (c,) in stack.query(
+        "SELECT chunk_id FROM etl_load_ledger WHERE run_id = ?", [handle.run_id])}
+    assert {"billing:keys:4001-5000", "billing:keys:5001-6000"} <= ledger, ledger
+    assert "billing:keys:4001-6000" not in ledger
+    assert len(ledger) == 7
+    assert int(stack.redis.hget("etl:checkpoint:billing", "key") or 0) == 12_000
+    assert "split into billing:keys:4001-5000 and billing:keys:5001-6000" in (
+        stack.root / "logs" / "fleet.log").read_text()
+    oracle.check(stack, f"MemoryError at {stage}, range split", fault_at=stack.fault_at,
+                 ended_at=stack.ended_at)
