@@ -26,6 +26,9 @@ def build_schedule(pipeline: PipelineConfig,
                       "options": {"expires": every}},
         "replay": {"task": "etl.load.replay", "schedule": replay_every,
                    "options": {"expires": replay_every}},
+        # Retention of the patient values kept with quarantined rows (ETL_QUARANTINE_RAW_DAYS).
+        "purge-quarantine-raw": {"task": "etl.load.purge_quarantine_raw",
+                                 "schedule": 6 * 3600.0, "options": {"expires": 3600.0}},
     }
     for src in pipeline.sources:
         if src.schedule == "manual":

@@ -153,6 +153,9 @@ def run(
     full: Annotated[bool, typer.Option(
         help="Re-read everything; rows already stored in the same version are skipped, "
              "never doubled.")] = False,
+    require_workers: Annotated[bool, typer.Option(
+        help="Exit 2 without enqueuing when no worker consumes the extract, transform or "
+             "load queue (by default it says so and enqueues anyway).")] = False,
 ) -> None:
     """Enqueue runs on a running fleet (workers started with `python -m workers.fleet` and
     `python -m workers.loader` against ETL_REDIS_URL)."""
@@ -162,6 +165,14 @@ def run(
     names = [s.name for s in get_resources().pipeline.sources] if all_sources else sources
     if not names:
         raise typer.BadParameter("name at least one source, or use --all")
+    missing = _missing_consumers()
+    for message in missing:
+        err.print(f"[yellow]{message}[/yellow]", soft_wrap=True)
+    if missing and require_workers:
+        err.print("[red]nothing enqueued (--require-workers)[/red]")
+        raise typer.Exit(2)
+    if missing:
+        err.print("the runs are enqueued and wait for those workers")
     handles = [run_source(name, path=str(path) if path else None, since=since, full=full)
                for name in names]
     if not wait:
@@ -319,6 +330,35 @@ def fallbacks(
         out.print(f"{store}: {counts['chunks']:,} chunk(s), {counts['rows']:,} row(s) waiting")
 
 
+quarantine_cli = typer.Typer(help="Quarantined rows: their raw values and retention.",
+                              no_args_is_help=True)
+cli.add_typer(quarantine_cli, name="quarantine")
+
+
+@quarantine_cli.command("purge")
+def quarantine_purge(
+    older_than: Annotated[float, typer.Option(
+        "--older-than", help="Days; default ETL_QUARANTINE_RAW_DAYS (30).")] = -1.0,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the loader.")] = 120.0,
+) -> None:
+    """Drop the raw values (patient data) of quarantined rows older than N days. The rows, the
+    broken rules and the source pointers stay, so reconciliation still adds up. Runs on the
+    loader (the only writer of the store); beat also runs it every 6 hours."""
+    from celery.exceptions import TimeoutError as NoAnswer
+
+    from etl_tasks.tasks import purge_quarantine_raw_task
+
+    days = None if older_than < 0 else older_than
+    result = purge_quarantine_raw_task.apply_async((days,))
+    try:
+        purged = result.get(timeout=timeout)
+    except NoAnswer:
+        err.print(f"[red]the loader did not answer within {timeout:.0f}s; is "
+                  "`python -m workers.loader` running?[/red]")
+        raise typer.Exit(2) from None
+    out.print(f"raw values dropped from {purged:,} quarantined row(s)")
+
+
 @cli.command()
 def demo(
     claims: Annotated[int, typer.Option(help="Claims to generate when the demo data is "
@@ -365,6 +405,75 @@ def demo(
         for proc in reversed(started):
             proc.stop()
     raise typer.Exit(code)
+
+
+def _status_table(status: dict) -> None:  # type: ignore[type-arg]
+    table = Table(title="Pipeline status")
+    for col in ("source", "runs", "success", "avg duration s", "last status", "stale for",
+                "dead letters"):
+        table.add_column(col, justify="left" if col in ("source", "last status") else "right")
+
+    def row(name: str, f: dict) -> None:  # type: ignore[type-arg]
+        rate, avg, stale = f["success_rate"], f["average_duration_s"], f["staleness_s"]
+        table.add_row(name, f"{len(f['quality_trend']):,}",
+                      "-" if rate is None else f"{rate:.0%}",
+                      "-" if avg is None else f"{avg:.1f}",
+                      f["last_run"]["status"] if f["last_run"] else "-",
+                      "-" if stale is None else f"{stale:.0f}s", f"{f['dead_letters']:,}")
+
+    for name, figures in status["sources"].items():
+        row(name, figures)
+    row("(all)", status["overall"])
+    out.print(table)
+    for queue in ("extract", "transform", "load", "control"):
+        names = status["workers"].get(queue, [])
+        out.print(f"{queue} workers: {', '.join(names) if names else '[red]none[/red]'}")
+    for fallback, counts in status["overall"]["waiting_in_fallbacks"].items():
+        if counts["rows"] or counts["chunks"]:
+            out.print(f"{fallback}: {counts['chunks']:,} chunk(s), {counts['rows']:,} row(s) "
+                      "waiting for the replay")
+
+
+@cli.command()
+def status(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the status as JSON.")] = False,
+    last: Annotated[int, typer.Option(help="Runs per source to look at.", min=1)] = 20,
+) -> None:
+    """The pipeline's health over the last N runs, overall and per source: success rate,
+    average duration, quality trend, error patterns, last run, staleness, dead letters, rows
+    waiting in the fallbacks, and the workers online per queue."""
+    from etl_tasks.celery import app
+    from etl_tasks.resources import get_resources
+    from etl_tasks.status import collect
+
+    res = get_resources()
+    figures = collect(res.settings, [s.name for s in res.pipeline.sources], res.redis,
+                      app.control, last=last)
+    if as_json:
+        print(json.dumps(figures, indent=2, default=str))
+        return
+    _status_table(figures)
+
+
+# Which worker consumes each queue a run needs, and how to start it.
+_QUEUE_WORKERS = {"extract": "python -m workers.fleet", "transform": "python -m workers.fleet",
+                  "load": "python -m workers.loader"}
+
+
+def _missing_consumers(timeout: float = 1.5) -> list[str]:
+    """What to tell the operator about each queue a run needs that no worker consumes."""
+    from etl_tasks.celery import app
+    from etl_tasks.status import workers_by_queue
+
+    consumed = workers_by_queue(app.control, timeout=timeout)
+    messages = []
+    for queue, command in _QUEUE_WORKERS.items():
+        if not consumed.get(queue):
+            others = sorted({c for c in _QUEUE_WORKERS.values() if c != command}
+                            | {"python -m workers.beat"})
+            messages.append(f"no worker consumes the {queue} queue: start `{command}` (and "
+                            + ", ".join(f"`{o}`" for o in others) + ")")
+    return messages
 
 
 def main() -> None:

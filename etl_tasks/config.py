@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     in ETL_DATA_DIR)."""
     replay_every_s: float = Field(default=30.0, gt=0)
     """How often beat runs the replay of the fallbacks into DuckDB."""
+    quarantine_raw_days: float = Field(default=30.0, ge=0)
+    """`etl_quarantine.raw` keeps a quarantined row's values (patient data) for people to fix
+    the source; after this many days they are dropped (the row, reasons and pointer stay)."""
     query_cache_ttl_s: float = Field(default=300.0, ge=0)
     """`read_data` / `etl query`: how long a cached result may answer while DuckDB is down."""
     firebird_dsn: str = "data/demo/billing.fdb"

@@ -264,6 +264,15 @@ def replay_task() -> dict[str, Any]:
             "skipped": done.skipped}
 
 
+@app.task(base=EtlTask, name="etl.load.purge_quarantine_raw")
+def purge_quarantine_raw_task(older_than_days: float | None = None) -> int:
+    """Drop raw values of quarantined rows past their retention; returns rows purged."""
+    days = get_resources().settings.quarantine_raw_days if older_than_days is None else (
+        older_than_days)
+    with _duckdb() as con:
+        return store.purge_quarantine_raw(con, days)
+
+
 @app.task(base=EtlTask, name="etl.control.supervise")
 def supervise_task() -> dict[str, Any]:
     """Send again what is overdue in every active run; returns what it did (ids only)."""

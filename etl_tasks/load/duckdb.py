@@ -245,6 +245,15 @@ def last_marks(con: duckdb.DuckDBPyConnection, source: str) -> tuple[int, dateti
     return (int(row[0]), row[1]) if row else None
 
 
+def purge_quarantine_raw(con: duckdb.DuckDBPyConnection, older_than_days: float) -> int:
+    """Drop the raw values (patient data) of quarantined rows older than this; the rows, their
+    reasons and source pointers stay, so every count still reconciles."""
+    row = con.execute(
+        "UPDATE etl_quarantine SET raw = NULL WHERE raw IS NOT NULL AND quarantined_at < "
+        "now() - to_seconds(CAST(? AS DOUBLE))", [older_than_days * 86400]).fetchone()
+    return int(row[0]) if row else 0
+
+
 def record_dead_letters(con: duckdb.DuckDBPyConnection, entries: list[dict[str, Any]]) -> None:
     """Keep a run's dead letters durably (idempotent on their ids)."""
     for e in entries:
