@@ -206,3 +206,66 @@ def test_etl_run_wait_reports_a_run_that_makes_no_progress(env, tmp_path):
     assert done.returncode == 3, done.stdout + done.stderr
     assert "no progress" in done.stderr
     assert "etl wait" in done.stderr
+
+
+STATUS_KEYS = {"success_rate", "average_duration_s", "quality_trend", "error_patterns",
+               "last_run", "staleness_s", "dead_letters", "waiting_in_fallbacks"}
+
+
+def test_etl_status_json_shows_runs_dead_letters_and_workers_per_queue(env):
+    """After a billing run, `etl status --json` has exactly the documented keys, billing's
+    last run is that run, and the fleet and the loader are online on their queues."""
+    summary = run_source("billing").wait(timeout=180)
+    etl = os.path.join(os.path.dirname(sys.executable), "etl")
+    done = subprocess.run([etl, "status", "--json", "--last", "5"], env=env.env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    status = json.loads(done.stdout)
+    assert set(status) == {"overall", "sources", "workers", "open_alerts"}
+    assert set(status["overall"]) == STATUS_KEYS
+    assert set(status["sources"]) >= {"billing", "lab_results", "registrations"}
+    for figures in status["sources"].values():
+        assert set(figures) == STATUS_KEYS
+    billing = status["sources"]["billing"]
+    assert billing["success_rate"] > 0
+    assert billing["last_run"]["run_id"] == summary.run_id
+    assert billing["last_run"]["status"] == summary.status
+    assert 1 <= len(billing["quality_trend"]) <= 5
+    assert billing["staleness_s"] is not None
+    assert billing["staleness_s"] >= 0
+    assert any(w.startswith("fleet-") for w in status["workers"]["extract"])
+    assert any(w.startswith("fleet-") for w in status["workers"]["transform"])
+    assert [w.split("@")[0] for w in status["workers"]["load"]] == ["loader"]
+    assert status["open_alerts"] == []
+    table = subprocess.run([etl, "status"], env=env.env, capture_output=True, text=True,
+                           timeout=120)
+    assert table.returncode == 0, table.stderr
+    assert "billing" in table.stdout
+    assert "load workers: loader@" in table.stdout
+
+
+def test_etl_run_require_workers_refuses_a_queue_nobody_consumes(env, tmp_path):
+    """With Redis up and no worker, `etl run billing --require-workers` says within seconds
+    which queue has no consumer and what to start, and enqueues nothing (exit 2)."""
+    from etl_tasks.local_services import RedisServer
+
+    server = RedisServer(tmp_path / "redis").start()  # a Redis no worker listens to
+    try:
+        etl = os.path.join(os.path.dirname(sys.executable), "etl")
+        started = time.monotonic()
+        done = subprocess.run([etl, "run", "billing", "--require-workers"],
+                              capture_output=True, text=True, timeout=60,
+                              env={**env.env, "ETL_REDIS_URL": server.url})
+        elapsed = time.monotonic() - started
+        import redis
+
+        queued = redis.Redis.from_url(server.url).llen("extract")
+    finally:
+        server.stop()
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert elapsed < 15, elapsed
+    message = " ".join(done.stderr.split())
+    assert "no worker consumes the load queue: start `python -m workers.loader`" in message
+    assert "no worker consumes the extract queue" in message
+    assert "enqueued" not in done.stdout
+    assert queued == 0
