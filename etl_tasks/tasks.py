@@ -207,7 +207,10 @@ def plan_source(self: Task, run_id: str | None, source: str) -> str:
         if res.redis.set(REBUILD_PENDING, run_id, nx=True, ex=int(res.settings.overdue_s * 5)):
             log.warning("checkpoints missing in Redis; rebuilding them from the ledger first")
             (rebuild_state.si() | plan_source.si(run_id, source)).apply_async()
-        return run_id
+            return run_id
+        # Another plan sent the rebuild: retry shortly (backoff), planning once it is done.
+        raise TransientError("the loader is rebuilding the checkpoints from the ledger; "
+                             "planning waits for it", source=source)
     plan_run(res, run_id, source, CELERY.extract, CELERY.finalize)
     return run_id
 
