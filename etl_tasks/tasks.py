@@ -21,7 +21,7 @@ import duckdb
 import redis
 from celery import Task
 from celery.exceptions import Retry
-from celery.signals import worker_process_init
+from celery.signals import celeryd_init, worker_process_init
 
 from etl_tasks import checkpoints, pipeline
 from etl_tasks.celery import app
@@ -29,6 +29,7 @@ from etl_tasks.errors import DataQualityError, TransientError, safe_reason
 from etl_tasks.load import duckdb as store
 from etl_tasks.load import replay
 from etl_tasks.load.writer import StoreChain
+from etl_tasks.monitoring.sentry import init_sentry
 from etl_tasks.resources import Resources, get_resources, reset_resources
 from etl_tasks.runs import dead_letters, items, lease, recovery, split, state, supervisor
 from etl_tasks.runs.finalize import finalize_run
@@ -192,6 +193,13 @@ def _stores() -> StoreChain:
 @worker_process_init.connect
 def _fresh_process(**_: Any) -> None:
     reset_resources()  # connections never cross a fork
+
+
+@celeryd_init.connect
+def _sentry(**_: Any) -> None:
+    # In the worker's main process before it forks its pool: the Celery integration patches
+    # the task tracers there (Sentry's documented place); the children inherit it.
+    init_sentry(get_resources().settings)
 
 
 @app.task(base=PlanTask, bind=True, name="etl.plan.run_source")

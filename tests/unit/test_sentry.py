@@ -1,0 +1,24 @@
+"""Sentry events are scrubbed of anything that could carry a patient value."""
+
+from __future__ import annotations
+
+from etl_tasks.monitoring.sentry import scrub
+
+
+def test_a_library_exception_keeps_its_type_and_loses_its_message():
+    """A third-party exception's message (it may quote a row) is dropped; ours is kept, and
+    local variables, breadcrumbs and log messages never leave."""
+    event = {
+        "exception": {"values": [
+            {"type": "ArrowInvalid", "value": "CSV parse error: 3 columns: P000123,Jane,1961",
+             "stacktrace": {"frames": [{"function": "f", "vars": {"row": "P000123"}}]}},
+            {"type": "FatalError", "value": "[billing] table BILLING_CLAIMS does not exist"},
+        ]},
+        "breadcrumbs": {"values": [{"message": "row P000123 quarantined"}]},
+        "logentry": {"message": "patient %s", "params": ["P000123"]},
+    }
+    scrubbed = scrub(event)
+    assert "P000123" not in repr(scrubbed)
+    first, second = scrubbed["exception"]["values"]
+    assert (first["type"], first["value"]) == ("ArrowInvalid", "")
+    assert second["value"] == "[billing] table BILLING_CLAIMS does not exist"
