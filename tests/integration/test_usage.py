@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from base64 import b64encode
 
@@ -269,3 +270,32 @@ def test_etl_run_require_workers_refuses_a_queue_nobody_consumes(env, tmp_path):
     assert "no worker consumes the extract queue" in message
     assert "enqueued" not in done.stdout
     assert queued == 0
+
+
+def test_flower_refuses_to_listen_beyond_loopback_without_authentication(env):
+    """`python -m workers.flower --address=0.0.0.0` without credentials exits at once saying
+    what to pass; with them on loopback a request without credentials is refused."""
+    refused = subprocess.run([sys.executable, "-m", "workers.flower", "--address=0.0.0.0",
+                              f"--port={free_port()}"], env=env.env, capture_output=True,
+                             text=True, timeout=60)
+    assert refused.returncode == 2
+    assert "--basic-auth" in refused.stderr
+    port = free_port()
+    flower = subprocess.Popen(
+        [sys.executable, "-m", "workers.flower", f"--port={port}", "--basic-auth=ops:secret"],
+        env=env.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        status = None
+        while time.monotonic() < deadline and status is None:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/api/workers", timeout=5)
+                status = 200
+            except urllib.error.HTTPError as exc:
+                status = exc.code
+            except OSError:
+                time.sleep(0.3)
+        assert status == 401
+    finally:
+        flower.terminate()
+        flower.wait(timeout=30)
