@@ -343,37 +343,11 @@ class World:
         raise AssertionError("unreachable")
 
     def query(self, sql: str, params: list[Any] | None = None) -> list[tuple[Any, ...]]:
-        """Read the store with a short read-only connection; retry while the loader holds it."""
-        import duckdb
+        """Read the store with a short read-only connection; wait while the loader holds it."""
+        from etl_tasks.load import duckdb as store
 
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                con = duckdb.connect(str(self.duckdb_path), read_only=True)
-            except duckdb.IOException:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.1)
-                continue
-            try:
-                return con.execute(sql, params or []).fetchall()
-            finally:
-                con.close()
-
-
-def child_pids(pid: int) -> list[int]:
-    """Direct children of `pid` (the fleet's pool processes), from /proc."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-            found.append(int(entry.name))
-    return sorted(found)
+        with store.read_only(self.duckdb_path, wait_s=60) as con:
+            return con.execute(sql, params or []).fetchall()
 
 
 def build(args: argparse.Namespace, root: Path) -> World:
@@ -477,6 +451,8 @@ def inject(world: World, kind: str, rng: random.Random) -> Fault:
         children: list[int] = []
         deadline = time.monotonic() + 15
         while not children and time.monotonic() < deadline:
+            from tests.integration.fault_stack import child_pids
+
             children = child_pids(world.workers["fleet"].pid)
             if not children:
                 time.sleep(0.5)
@@ -596,11 +572,12 @@ def tally(world: World, updated: set[int]) -> dict[str, Any]:
     """The oracle's figures plus stale claims; {"error": ...} while the store is not ready."""
     import duckdb
 
+    from etl_tasks.errors import EtlError
     from tests.integration.oracle import count
 
     try:
         t = count(world)
-    except duckdb.Error as exc:  # no table yet: nothing loaded
+    except (duckdb.Error, EtlError) as exc:  # no store or table yet: nothing loaded
         return {"error": f"{type(exc).__name__}: {exc}"[:200]}
     result: dict[str, Any] = {
         "source": t.source, "loaded": t.loaded, "quarantined": t.quarantined,

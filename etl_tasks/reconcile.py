@@ -111,7 +111,7 @@ def _firebird(res: Resources, con: duckdb.DuckDBPyConnection,
                             "(deleted there after they were loaded)")
     elif unexplained:
         explanations.append(f"{unexplained} source row(s) are neither loaded, quarantined nor "
-                            "dead-lettered: run `etl run {src.name} --full` and report a bug")
+                            f"dead-lettered: run `etl run {src.name} --full` and report a bug")
     return SourceBalance(src.name, total, int(loaded), int(quarantined), dead_lettered,
                          not_yet_run, unexplained, explanations)
 

@@ -93,8 +93,8 @@ def replay(chain: StoreChain) -> Replayed:
 
 def _commit(chain: StoreChain, con: duckdb.DuckDBPyConnection, source: str, table: str,
             dataset: str, entry: LedgerEntry, valid: Any, quarantined: Any) -> None:
-    if primary.ledger_counts(con, entry.run_id, entry.chunk_id) is not None:
-        return  # committed by an earlier replay that died before deleting it
+    # write_chunk finds a chunk an earlier replay committed (and died before deleting) in
+    # its ledger and does nothing: the replay is idempotent through it.
     primary.write_chunk(
         con, source=source, table=table, dataset=dataset, entry=entry, valid=valid,
         quarantined=quarantined,

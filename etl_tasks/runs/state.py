@@ -141,7 +141,7 @@ def create(r: redis.Redis, run_id: str, source: str, options: RunOptions | None 
         p.expire(key(run_id), _KEEP_S)
         p.sadd(ACTIVE_RUNS, run_id)
         p.execute()
-    if r.hget(key(run_id), "listed") is None and r.hsetnx(key(run_id), "listed", 1):
+    if r.hsetnx(key(run_id), "listed", 1):  # listed once, however often it is created
         r.lpush(f"etl:runs:{source}", run_id)
         r.ltrim(f"etl:runs:{source}", 0, 199)
 
