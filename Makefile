@@ -5,7 +5,8 @@
 # and firebird3.0-server, whose server binary the tests start privately on a free loopback
 # port to stop and kill it; they never use the package's own service, whether or not it
 # runs. Non-interactive, its debconf question is not asked and the package gives its own
-# service's SYSDBA a random password, which the tests do not need).
+# service's SYSDBA a random password, which the tests do not need; prometheus, which the
+# tests start privately to scrape the exporter, and chromium, which renders `etl report`).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -38,6 +39,8 @@ system-deps:
 	  command -v soffice >/dev/null 2>&1 || missing="$$missing libreoffice-calc-nogui"; \
 	  { [ -x /usr/sbin/firebird ] && command -v isql-fb >/dev/null 2>&1; } || \
 	    missing="$$missing firebird3.0-server"; \
+	  command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	fi; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then \
