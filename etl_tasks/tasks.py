@@ -62,18 +62,24 @@ class EtlTask(Task):  # type: ignore[misc]
         count = items.begin(r, run_id, stage, item)
         limit = _limit(res, run_id, stage, item)
         if count > limit:  # the earlier starts never ended: they killed their worker
+            state.note_error(r, run_id, "WorkerLost")
             reason = items.last_failure(r, run_id, stage, item) or (
                 f"killed its worker {count - 1} times (out of memory, a crash in a native "
                 "library, or the hard time limit)")
             if not _split(res, run_id, stage, item, reason):  # smaller work may fit
                 _dead_letter(res, run_id, stage, item, reason, count - 1)
             return None
+        began = time.monotonic()
         try:
             result = super().__call__(*args, **kwargs)
         except Retry as exc:
+            state.note_stage_time(r, run_id, stage, time.monotonic() - began)
+            state.note_error(r, run_id, type(exc.exc or exc).__name__)
             items.forgive(r, run_id, stage, item, _eta(exc.when))
             raise
         except Exception as exc:  # noqa: BLE001 - every failure is counted, then handled
+            state.note_stage_time(r, run_id, stage, time.monotonic() - began)
+            state.note_error(r, run_id, type(exc).__name__)
             reason = safe_reason(exc, self.name)
             if isinstance(exc, MemoryError) and _split(res, run_id, stage, item, reason):
                 return None
@@ -87,6 +93,7 @@ class EtlTask(Task):  # type: ignore[misc]
             items.retrying(r, run_id, stage, item, time.time() + countdown)
             self.apply_async(args, countdown=countdown)
             return None
+        state.note_stage_time(r, run_id, stage, time.monotonic() - began)
         items.settle(r, run_id, stage, item)
         return result
 

@@ -221,6 +221,8 @@ def register_chunks(r: redis.Redis, run_id: str, unit_id: str, rows: dict[str, i
             p.hset(key(run_id, "chunk_unit"), mapping=dict.fromkeys(rows, unit_id))
             p.sadd(key(run_id, "staged"), *rows)  # in the run's window until committed
         p.sadd(key(run_id, "split"), unit_id)
+        if any(rows.values()):  # the source's latency: when its first rows arrived
+            p.hsetnx(key(run_id), "first_row_at", time.time())
         _keep(p, run_id, "chunks", "chunk_unit", "split", "staged")
         p.execute()
     touch(r, run_id)
@@ -333,6 +335,33 @@ def is_complete(r: redis.Redis, run_id: str) -> bool:
     dead = dead_units(r, run_id)
     # Chunks of a unit dead-lettered after it was split are settled with it.
     return all(c in settled or chunk_units.get(c) in dead for c in chunk_rows(r, run_id))
+
+
+def note_stage_time(r: redis.Redis, run_id: str, stage: str, seconds: float) -> None:
+    """Time spent in one step of a stage (any outcome): summed per stage for the run."""
+    r.hincrbyfloat(key(run_id, "stage_s"), stage, seconds)
+    r.expire(key(run_id, "stage_s"), _KEEP_S)
+
+
+def note_error(r: redis.Redis, run_id: str, error_class: str) -> None:
+    """One failure of a step, by its class (TransientError, FatalError, MemoryError, ...)."""
+    r.hincrby(key(run_id, "errors"), error_class, 1)
+    r.expire(key(run_id, "errors"), _KEEP_S)
+
+
+def metrics(r: redis.Redis, run_id: str) -> dict[str, Any]:
+    """What a run's metrics row adds to its summary: seconds per stage, errors by class and
+    the source's latency (plan start to first rows extracted)."""
+    data = info(r, run_id)
+    stage_s = {k: round(float(v), 3) for k, v in _hash(r, key(run_id, "stage_s")).items()}
+    if data.get("planning_at") and data.get("started_at"):  # the plan recorded its units
+        stage_s["plan"] = round(float(data["started_at"]) - float(data["planning_at"]), 3)
+    errors = {k: int(v) for k, v in _hash(r, key(run_id, "errors")).items()}
+    began = data.get("planning_at") or data.get("created_at")
+    first = data.get("first_row_at")
+    return {"stage_s": stage_s, "errors_by_class": errors,
+            "source_latency_s": round(float(first) - float(began), 3) if first and began
+            else None}
 
 
 def touch(r: redis.Redis, run_id: str) -> None:
