@@ -18,14 +18,18 @@ from etl_tasks.config import PipelineConfig, Settings, get_settings, load_pipeli
 
 def build_schedule(pipeline: PipelineConfig,
                    settings: Settings | None = None) -> dict[str, dict[str, Any]]:
-    every = (settings or get_settings()).supervise_every_s
-    replay_every = (settings or get_settings()).replay_every_s
+    settings = settings or get_settings()
+    every, replay_every = settings.supervise_every_s, settings.replay_every_s
+    health_every = settings.health_check_every_s
     schedule: dict[str, dict[str, Any]] = {
         "supervise": {"task": "etl.control.supervise", "schedule": every,
                       # A tick nobody took in time is dropped: the next one does the same.
                       "options": {"expires": every}},
         "replay": {"task": "etl.load.replay", "schedule": replay_every,
                    "options": {"expires": replay_every}},
+        # Staleness and stuck runs are checked even when nothing runs.
+        "check-health": {"task": "etl.control.check_health", "schedule": health_every,
+                         "options": {"expires": health_every}},
         # Retention of the patient values kept with quarantined rows (ETL_QUARANTINE_RAW_DAYS).
         "purge-quarantine-raw": {"task": "etl.load.purge_quarantine_raw",
                                  "schedule": 6 * 3600.0, "options": {"expires": 3600.0}},

@@ -101,6 +101,12 @@ class Settings(BaseSettings):
     """A key range that runs out of memory (a MemoryError, or its worker killed
     `max_attempts` times) is split in halves and tried again while it has more keys than
     this; at the floor it becomes a dead letter. Files are never split."""
+    alert_webhook_url: SecretStr | None = None
+    """Alerts are also POSTed here as JSON (retried with backoff, never blocking a run);
+    secret because such URLs often carry a token."""
+    health_check_every_s: float = Field(default=60.0, gt=0)
+    """How often beat checks every source's staleness and every run for being stuck (no
+    progress for ETL_STALL_S), even when nothing runs."""
     sentry_dsn: SecretStr | None = None
     """Errors go to Sentry when set (task arguments and local variables are never sent)."""
 
@@ -111,6 +117,32 @@ class Settings(BaseSettings):
     @property
     def spool_path(self) -> Path:
         return self.spool_dir or self.data_dir / "spool"
+
+
+class Thresholds(BaseModel):
+    """When a run or a source deserves an alert. Set in the pipeline config under
+    `[thresholds]` (defaults for every source) and per source (`thresholds = {...}`); a
+    threshold set to `false` is off. A run that breaches any of them raises one alert."""
+
+    model_config = {"extra": "forbid"}
+
+    max_duration_s: float | None = Field(default=3600.0, gt=0)
+    """A run taking longer than this (from its request to its end)."""
+    min_quality_score: float | None = Field(default=0.8, ge=0, le=1)
+    """Valid rows / (valid + quarantined) of a run below this."""
+    max_error_rate: float | None = Field(default=0.2, ge=0, le=1)
+    """Failed step attempts / all step attempts of a run above this (retries included)."""
+    max_dead_letters: int | None = Field(default=0, ge=0)
+    """More pieces of work dead-lettered in one run than this."""
+    max_staleness_s: float | None = Field(default=86_400.0, gt=0)
+    """Time since the source's last commit (a finished or partial run) above this, checked
+    on a schedule even when nothing runs. Sources with `schedule = "manual"` are checked only
+    when they set it themselves."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _off(cls, value: Any) -> Any:
+        return None if value is False else value
 
 
 class SourceConfig(BaseModel):
@@ -141,6 +173,9 @@ class SourceConfig(BaseModel):
     "keep_complete_records"). excel: sheet, allow_macros, max_uncompressed_bytes,
     last_good_dir (default: the inbox's processed/ folder)."""
 
+    thresholds: dict[str, Any] = Field(default_factory=dict)
+    """Overrides of the pipeline's `[thresholds]` for this source."""
+
     @field_validator("target_table", "key_column", "updated_column")
     @classmethod
     def _identifier(cls, value: str) -> str:
@@ -169,6 +204,15 @@ class SourceConfig(BaseModel):
 
 class PipelineConfig(BaseModel):
     sources: list[SourceConfig]
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+
+    def thresholds_of(self, name: str) -> Thresholds:
+        """The source's thresholds: its overrides over the pipeline's defaults."""
+        src = self.source(name)
+        merged = self.thresholds.model_dump(exclude_unset=True) | src.thresholds
+        if src.schedule == "manual" and "max_staleness_s" not in src.thresholds:
+            merged["max_staleness_s"] = None  # nothing promises that it runs at all
+        return Thresholds.model_validate(merged)
 
     def source(self, name: str) -> SourceConfig:
         for source in self.sources:
@@ -202,4 +246,10 @@ def load_pipeline(settings: Settings) -> PipelineConfig:
     names = [s.name for s in config.sources]
     if len(names) != len(set(names)):
         raise FatalError(f"invalid pipeline config {origin}: source names must be unique")
+    for name in names:  # a typo in a source's thresholds is found now, not at its first run
+        try:
+            config.thresholds_of(name)
+        except ValueError as exc:
+            raise FatalError(f"invalid pipeline config {origin}: thresholds of source {name}: "
+                             f"{exc}") from exc
     return config

@@ -4,21 +4,27 @@ online per queue. Plain functions: the CLI prints what `collect()` returns."""
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections import Counter
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import duckdb
 
 from etl_tasks.config import Settings
+from etl_tasks.errors import TransientError
 from etl_tasks.load import duckdb as store
 from etl_tasks.load import writer
-from etl_tasks.runs import dead_letters
+from etl_tasks.monitoring import alerts, health
+from etl_tasks.runs import dead_letters, state
 
 # Counted as successes; `partial` runs are not (they do count for staleness).
 SUCCESS = "finished"
+_STAGES = ("plan", "extract", "transform", "load")
+_METRICS = ("error_rate", "source_latency_s", "errors_by_class",
+            *(f"{stage}_s" for stage in _STAGES))
 # Run, chunk and unit ids (uuid or hex with a digit), then any number: so that errors differing
 # only by an id, a key range or a count fall into one pattern.
 _HEX_ID = re.compile(r"\b(?=[0-9a-fA-F-]*\d)[0-9a-fA-F]{6,}(?:-[0-9a-fA-F]{2,})*\b")
@@ -58,7 +64,9 @@ def summarize(runs: list[dict[str, Any]], last_committed: datetime | None = None
         "last_run": None if last is None else {
             "run_id": last["run_id"], "status": last["status"],
             "finished_at": _iso(last["finished_at"]), "loaded": last["loaded"],
-            "quarantined": last["quarantined"]},
+            "quarantined": last["quarantined"],
+            # Run metrics, when the row has them (runs recorded before they existed do not).
+            **{k: last[k] for k in _METRICS if last.get(k) is not None}},
         "staleness_s": None if last_committed is None else now - last_committed.timestamp(),
     }
 
@@ -69,11 +77,49 @@ def recent_runs(con: duckdb.DuckDBPyConnection, last: int) -> list[dict[str, Any
                    "WHERE table_name = 'etl_runs'").fetchone() == (0,):
         return []
     cur = con.execute(
-        "SELECT run_id, source, status, started_at, finished_at, loaded, quarantined, "
-        "duration_s, quality_score, error FROM etl_runs QUALIFY row_number() OVER ("
+        "SELECT * FROM etl_runs QUALIFY row_number() OVER ("
         "PARTITION BY source ORDER BY coalesce(started_at, finished_at) DESC) <= ?", [last])
     names = [d[0] for d in cur.description]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    runs = [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    for run in runs:
+        text = run.get("errors_by_class")
+        run["errors_by_class"] = json.loads(text) if text else None
+    return runs
+
+
+def redis_runs(r: Any, sources: list[str], last: int) -> list[dict[str, Any]]:
+    """The same rows from the run records in Redis (kept a month): what `etl status` shows
+    while DuckDB is held or down. Only ended runs with a summary count."""
+    runs = []
+    for source in sources:
+        for raw_id in r.lrange(f"etl:runs:{source}", 0, -1):
+            run_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            data = state.info(r, run_id)
+            if data.get("status") not in state.ENDED:
+                continue
+            summary: dict[str, Any] = json.loads(data["summary"]) if "summary" in data else {
+                "run_id": run_id, "source": source, "status": "failed", "loaded": 0,
+                "quarantined": 0, "duration_s": None, "quality_score": None,
+                "error": data.get("error")}
+            metrics: dict[str, Any] = summary.get("metrics") or {}
+            stage_s: dict[str, Any] = metrics.get("stage_s") or {}
+            runs.append({
+                **{k: summary.get(k) for k in ("run_id", "source", "status", "loaded",
+                                               "quarantined", "duration_s", "quality_score",
+                                               "error")},
+                "started_at": _when(data.get("started_at") or data.get("created_at")),
+                "finished_at": _when(data.get("finished_at")),
+                **{f"{stage}_s": stage_s.get(stage) for stage in _STAGES},
+                "source_latency_s": metrics.get("source_latency_s"),
+                "error_rate": metrics.get("error_rate"),
+                "errors_by_class": metrics.get("errors_by_class")})
+            if sum(run["source"] == source for run in runs) >= last:
+                break
+    return runs
+
+
+def _when(epoch: str | None) -> datetime | None:
+    return datetime.fromtimestamp(float(epoch), UTC) if epoch else None
 
 
 def last_commits(con: duckdb.DuckDBPyConnection) -> dict[str, datetime]:
@@ -107,17 +153,26 @@ def workers_by_queue(control: Any, timeout: float = 1.0) -> dict[str, list[str]]
 
 
 def collect(settings: Settings, sources: list[str], redis_client: Any, control: Any,
-            last: int = 20, now: float | None = None) -> dict[str, Any]:
+            last: int = 20, now: float | None = None,
+            store_wait_s: float = 3.0) -> dict[str, Any]:
     """The whole status: `overall`, `sources`, `workers`, `open_alerts`."""
     runs: list[dict[str, Any]] = []
     letters: dict[str, str] = {}  # dead letter id -> source
     commits: dict[str, datetime] = {}
-    if settings.duckdb_path.exists():
-        with store.read_only(settings.duckdb_path) as con:
-            runs = recent_runs(con, last)
-            commits = last_commits(con)
-            letters = {str(e["dead_letter_id"]): str(e["source"])
-                       for e in stored_open_letters(con)}
+    runs_from = "duckdb"
+    try:
+        if settings.duckdb_path.exists():
+            with store.read_only(settings.duckdb_path, wait_s=store_wait_s) as con:
+                runs = recent_runs(con, last)
+                commits = last_commits(con)
+                letters = {str(e["dead_letter_id"]): str(e["source"])
+                           for e in stored_open_letters(con)}
+    except TransientError:  # held by its writer (or another process) past the wait
+        runs_from = "redis"
+        runs = redis_runs(redis_client, sources, last)
+        commits = {source: datetime.fromtimestamp(float(at), UTC) for source, at in (
+            (k.decode() if isinstance(k, bytes) else k, v)
+            for k, v in redis_client.hgetall(health.LAST_COMMIT).items())}
     names = list(dict.fromkeys([*sources, *sorted({str(r["source"]) for r in runs})]))
     for name in names:  # letters of runs still in flight are in Redis only
         for entry in dead_letters.open_letters(redis_client, name):
@@ -140,6 +195,7 @@ def collect(settings: Settings, sources: list[str], redis_client: Any, control: 
         "overall": overall,
         "sources": per_source,
         "workers": workers_by_queue(control),
-        # Alerts are log lines until the monitoring work (thresholds, webhook) lands.
-        "open_alerts": [],
+        "open_alerts": alerts.open_alerts(redis_client),
+        # Where the run figures come from: DuckDB, or Redis's run records while it is held.
+        "runs_from": runs_from,
     }

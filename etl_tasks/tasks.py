@@ -27,12 +27,13 @@ from etl_tasks import checkpoints, pipeline
 from etl_tasks.celery import app
 from etl_tasks.errors import DataQualityError, TransientError, safe_reason
 from etl_tasks.load import duckdb as store
-from etl_tasks.load import replay
+from etl_tasks.load import quarantine, replay
 from etl_tasks.load.writer import StoreChain
+from etl_tasks.monitoring import alerts, health, webhook
 from etl_tasks.monitoring.sentry import init_sentry
 from etl_tasks.resources import Resources, get_resources, reset_resources
 from etl_tasks.runs import dead_letters, items, lease, recovery, split, state, supervisor
-from etl_tasks.runs.finalize import finalize_run
+from etl_tasks.runs.finalize import finalize_run, record_failed
 from etl_tasks.runs.plan import plan_run
 
 log = logging.getLogger(__name__)
@@ -106,9 +107,11 @@ class PlanTask(EtlTask):
         run_id = (args[0] if args else None) or run_id_of(task_id)
         res = get_resources()
         source = state.info(res.redis, run_id).get("source")
+        state.note_error(res.redis, run_id, type(exc).__name__)
         state.fail(res.redis, run_id, safe_reason(exc, self.name))
         if source:
             lease.release(res.redis, source, run_id)
+        CELERY.finalize(run_id)  # the loader records the failed run and alerts
 
 
 def run_id_of(task_id: str) -> str:
@@ -257,6 +260,10 @@ def load_task(run_id: str, chunk_id: str) -> dict[str, Any] | None:
 def finalize_task(run_id: str) -> str | None:
     """Finalize a run whose every chunk is settled; returns its status, None if not yet."""
     res = get_resources()
+    if state.status(res.redis, run_id) == "failed":  # its plan failed: record, alert
+        with _stores() as chain:
+            failed = record_failed(res, chain, run_id)
+        return failed.status if failed else None
     if not state.is_complete(res.redis, run_id):
         return None
     with _stores() as chain:
@@ -289,6 +296,40 @@ def purge_quarantine_raw_task(older_than_days: float | None = None) -> int:
         older_than_days)
     with _duckdb() as con:
         return store.purge_quarantine_raw(con, days)
+
+
+@app.task(base=EtlTask, name="etl.load.replay_quarantine")
+def replay_quarantine_task(source: str | None = None) -> dict[str, dict[str, int]]:
+    """Validate the quarantined rows of `source` (None: every source) again by the current
+    rules and load those that pass; counts per source. DuckDB only: while it is unavailable
+    the task is retried with backoff, never written to a fallback store."""
+    res = get_resources()
+    chosen = [res.pipeline.source(source)] if source else res.pipeline.sources
+    with _duckdb() as con:
+        return {src.name: quarantine.replay(con, source=src.name, dataset=src.dataset,
+                                            table=src.table).public() for src in chosen}
+
+
+@app.task(base=EtlTask, name="etl.control.notify", max_retries=10)
+def notify_task(payload: dict[str, Any]) -> int | None:
+    """POST one alert (ids, counts, durations: no patient data) to the webhook; its status."""
+    url = get_resources().settings.alert_webhook_url
+    return webhook.post(url.get_secret_value(), payload) if url else None
+
+
+def _notify(payload: dict[str, Any]) -> None:
+    if get_resources().settings.alert_webhook_url:
+        notify_task.apply_async((payload,), retry=False)  # never wait on a broker for it
+
+
+alerts.set_notifier(_notify)
+
+
+@app.task(base=EtlTask, name="etl.control.check_health")
+def check_health_task() -> dict[str, list[str]]:
+    """Staleness of every source and stuck runs, on beat's schedule; the sources alerted."""
+    res = get_resources()
+    return health.check_sources(res.redis, res.pipeline, res.settings.stall_s)
 
 
 @app.task(base=EtlTask, name="etl.control.supervise")

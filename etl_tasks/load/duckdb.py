@@ -8,6 +8,7 @@ upserted on the dataset's key, the newer version winning, so a re-read never dou
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -60,6 +61,11 @@ _DDL = [
     # The source's checkpoints when the run ended: what a rebuild may start from.
     "ALTER TABLE etl_runs ADD COLUMN IF NOT EXISTS key_mark BIGINT",
     "ALTER TABLE etl_runs ADD COLUMN IF NOT EXISTS updated_mark TIMESTAMP",
+    # Run metrics (issue "See it run"): seconds per stage summed over its steps, the source's
+    # latency (plan start to first rows), failed step attempts by error class and their rate.
+    *(f"ALTER TABLE etl_runs ADD COLUMN IF NOT EXISTS {c} DOUBLE" for c in (
+        "plan_s", "extract_s", "transform_s", "load_s", "source_latency_s", "error_rate")),
+    "ALTER TABLE etl_runs ADD COLUMN IF NOT EXISTS errors_by_class VARCHAR",
     """CREATE TABLE IF NOT EXISTS etl_dead_letters (
         dead_letter_id VARCHAR PRIMARY KEY, run_id VARCHAR NOT NULL, source VARCHAR NOT NULL,
         stage VARCHAR NOT NULL, item_id VARCHAR NOT NULL, unit_id VARCHAR NOT NULL,
@@ -71,6 +77,11 @@ _DDL = [
 _DEAD_LETTER_COLUMNS = ("dead_letter_id", "run_id", "source", "stage", "item", "unit_id", "kind",
                         "key_lo", "key_hi", "since", "until", "path", "sha256", "pointer",
                         "reason", "attempts")
+
+
+# The run id of the ledger rows of `etl quarantine replay` (load/quarantine.py): rows that
+# passed the rules later. Not a run of the pipeline: never recorded in etl_runs.
+REPLAY_RUN_ID = "quarantine-replay"
 
 
 @dataclass(frozen=True)
@@ -152,10 +163,12 @@ def ensure_table(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) 
 
 def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, dataset: str,
                 entry: LedgerEntry, valid: pa.Table, quarantined: pa.Table,
-                fault: Callable[[str], None] = lambda _: None) -> WriteResult:
+                fault: Callable[[str], None] = lambda _: None,
+                also: Callable[[duckdb.DuckDBPyConnection], None] = lambda _: None) -> WriteResult:
     """Commit one chunk atomically, or do nothing when its ledger row already exists.
 
-    `fault` is called at the `before_commit` and `after_commit` windows (fault points).
+    `fault` is called at the `before_commit` and `after_commit` windows (fault points);
+    `also` runs in the chunk's transaction (the quarantine replay releases its rows there).
     """
     key = KEYS[dataset]
     run_id, chunk_id = entry.run_id, entry.chunk_id
@@ -194,6 +207,7 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
                     [run_id, chunk_id, source, table, loaded, held_count, unchanged,
                      entry.unit_id, entry.kind, entry.key_lo, entry.key_hi, entry.file_sha256,
                      entry.unit_chunks, entry.source_version])
+        also(con)
         fault("before_commit")
         con.commit()
         fault("after_commit")
@@ -224,17 +238,25 @@ def ledger_rows(con: duckdb.DuckDBPyConnection, run_id: str) -> dict[str, tuple[
 
 def record_run(con: duckdb.DuckDBPyConnection, summary: dict[str, Any],
                started_at: float, finished_at: float, key_mark: int | None = None,
-               updated_mark: datetime | None = None) -> None:
-    """Write the run's metrics row (idempotent on run id), with the checkpoints it left."""
+               updated_mark: datetime | None = None,
+               metrics: dict[str, Any] | None = None) -> None:
+    """Write the run's metrics row (idempotent on run id), with the checkpoints it left and
+    its metrics (`runs.state.metrics`: seconds per stage, errors by class, latency)."""
+    metrics = metrics or {}
+    stage_s = metrics.get("stage_s", {})
     con.execute(
         "INSERT OR REPLACE INTO etl_runs (run_id, source, status, started_at, finished_at, "
         "extracted, loaded, quarantined, skipped, duration_s, quality_score, error, "
-        "dead_lettered, key_mark, updated_mark) VALUES (?, ?, ?, to_timestamp(?), "
-        "to_timestamp(?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        "dead_lettered, key_mark, updated_mark, plan_s, extract_s, transform_s, load_s, "
+        "source_latency_s, error_rate, errors_by_class) VALUES (?, ?, ?, to_timestamp(?), "
+        "to_timestamp(?), ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         [summary["run_id"], summary["source"], summary["status"], started_at, finished_at,
          summary["extracted"], summary["loaded"], summary["quarantined"], summary["skipped"],
          summary["duration_s"], summary["quality_score"], summary.get("error"),
-         summary.get("dead_lettered", 0), key_mark, updated_mark])
+         summary.get("dead_lettered", 0), key_mark, updated_mark,
+         *(stage_s.get(s) for s in ("plan", "extract", "transform", "load")),
+         metrics.get("source_latency_s"), metrics.get("error_rate"),
+         json.dumps(metrics.get("errors_by_class") or {}, sort_keys=True)])
 
 
 def last_marks(con: duckdb.DuckDBPyConnection, source: str) -> tuple[int, datetime] | None:
@@ -315,7 +337,8 @@ def runs_without_record(con: duckdb.DuckDBPyConnection) -> list[tuple[str, str]]
     """(run_id, source) of runs that committed chunks but were never recorded as ended."""
     return [(str(a), str(b)) for a, b in con.execute(
         "SELECT DISTINCT l.run_id, l.source FROM etl_load_ledger l "
-        "LEFT JOIN etl_runs r USING (run_id) WHERE r.run_id IS NULL").fetchall()]
+        "LEFT JOIN etl_runs r USING (run_id) WHERE r.run_id IS NULL AND l.run_id <> ?",
+        [REPLAY_RUN_ID]).fetchall()]
 
 
 def classify(exc: BaseException) -> EtlError:

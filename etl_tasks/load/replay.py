@@ -107,7 +107,7 @@ def apply_record(con: duckdb.DuckDBPyConnection, kind: str, payload: dict[str, A
     if kind == "run":
         primary.record_run(con, payload["summary"], payload["started_at"],
                            payload["finished_at"], payload.get("key_mark"),
-                           payload.get("updated_mark"))
+                           payload.get("updated_mark"), payload.get("metrics"))
     elif kind == "dead_letters":
         primary.record_dead_letters(con, payload["entries"])
     elif kind == "resolve":

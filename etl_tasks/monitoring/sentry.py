@@ -32,7 +32,9 @@ def scrub(event: dict[str, Any], hint: dict[str, Any] | None = None) -> dict[str
             frame.pop("vars", None)  # belt and braces: local variables are off anyway
     event.pop("breadcrumbs", None)
     event.pop("request", None)
-    if "logentry" in event or "message" in event:
+    tags = event.get("tags") or {}
+    alert = isinstance(tags, dict) and "etl_alert" in tags  # alerts: ids and counts only
+    if ("logentry" in event or "message" in event) and not alert:
         event.pop("logentry", None)
         event["message"] = "(log message withheld)"
     return event

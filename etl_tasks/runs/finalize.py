@@ -15,6 +15,7 @@ from typing import Any
 from etl_tasks import checkpoints, inbox
 from etl_tasks.load import duckdb as store
 from etl_tasks.load.writer import StoreChain
+from etl_tasks.monitoring import health
 from etl_tasks.resources import Resources
 from etl_tasks.runs import dead_letters, lease, state
 from etl_tasks.runs.state import RunStatus, Summary, Unit
@@ -59,23 +60,58 @@ def finalize_run(res: Resources, chain: StoreChain, run_id: str) -> Summary | No
         dead_letters=[{k: e[k] for k in ("dead_letter_id", "stage", "item", "pointer",
                                          "reason", "attempts")} for e in dead],
         error=(f"{len(dead)} piece(s) of work dead-lettered after repeated failures; see "
-               "`etl dead-letters`" if dead else None))
+               "`etl dead-letters`" if dead else None),
+        metrics=state.metrics(r, run_id))
     chain.record("dead_letters", {"entries": dead},
                  lambda con: store.record_dead_letters(con, dead))
     _resolve_dead_letters(res, chain, run_id, src.name, units, dead_unit_ids, data)
     key_mark = checkpoints.key_high_water(r, src.name) if src.kind == "firebird" else None
     updated = checkpoints.updated_mark(r, src.name)
-    run_row = {"summary": summary.public(), "started_at": started, "finished_at": finished,
-               "key_mark": key_mark, "updated_mark": updated}
-    chain.record("run", run_row, lambda con: store.record_run(
-        con, summary.public(), started, finished, key_mark, updated))
+    _record(chain, summary, started, finished, key_mark, updated)
     _settle_files(res, run_id, src.name, units, refused, recovered, dead_unit_ids, chunk_rows,
                   chunk_units)
     state.finish(r, run_id, summary)
     lease.release(r, src.name, run_id)
+    if status != "failed":
+        health.note_commit(r, src.name, finished)
+    health.check_run(r, res.pipeline, summary.public())
     log.info("run %s of %s %s: %d loaded, %d quarantined, %d skipped, %d dead letters",
              run_id, src.name, summary.status, loaded, quarantined, skipped, len(dead))
     return summary
+
+
+def record_failed(res: Resources, chain: StoreChain, run_id: str) -> Summary | None:
+    """Write the metrics row of a run that failed before it could finish (its plan failed,
+    or its source's circuit was open) and alert; None when there is nothing to record."""
+    r = res.redis
+    if state.status(r, run_id) != "failed" or run_id not in state.unrecorded(r):
+        return None
+    data = state.info(r, run_id)
+    ledger = state.ledger(r, run_id)
+    created = float(data.get("created_at") or time.time())
+    finished = float(data.get("finished_at") or time.time())
+    loaded = sum(v[0] for v in ledger.values())
+    quarantined = sum(v[1] for v in ledger.values())
+    summary = Summary(
+        source=data["source"], run_id=run_id, status="failed",
+        extracted=sum(state.chunk_rows(r, run_id).values()), loaded=loaded,
+        quarantined=quarantined, skipped=sum(v[2] for v in ledger.values()),
+        duration_s=round(finished - created, 3),
+        quality_score=round(loaded / (loaded + quarantined), 4) if loaded + quarantined else None,
+        error=data.get("error"), metrics=state.metrics(r, run_id))
+    _record(chain, summary, float(data.get("started_at") or created), finished, None, None)
+    r.srem(state.UNRECORDED, run_id)
+    health.check_run(r, res.pipeline, summary.public())
+    return summary
+
+
+def _record(chain: StoreChain, summary: Summary, started: float, finished: float,
+            key_mark: int | None, updated: Any) -> None:
+    """The run's metrics row, in DuckDB or a fallback (replayed into DuckDB later)."""
+    row = {"summary": summary.public(), "started_at": started, "finished_at": finished,
+           "key_mark": key_mark, "updated_mark": updated, "metrics": summary.metrics}
+    chain.record("run", row, lambda con: store.record_run(
+        con, summary.public(), started, finished, key_mark, updated, summary.metrics))
 
 
 def _resolve_dead_letters(res: Resources, chain: StoreChain, run_id: str,

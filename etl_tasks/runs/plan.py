@@ -63,7 +63,8 @@ def plan_run(res: Resources, run_id: str, source: str,
     holder = lease.acquire(r, src.name, run_id, res.settings.run_lease_s)
     if holder is not None:
         state.fail(r, run_id, f"source {src.name} already has run {holder} in progress; "
-                              "this run was not started (try again when it finishes)")
+                              "this run was not started (try again when it finishes)",
+                   record=False)
         return []
     options = state.options(r, run_id)
     open_letters = dead_letters.open_letters(r, src.name)

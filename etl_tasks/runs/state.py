@@ -21,6 +21,7 @@ import redis
 RunStatus = Literal["queued", "planning", "running", "finished", "partial", "failed"]
 ENDED: frozenset[str] = frozenset({"finished", "partial", "failed"})
 ACTIVE_RUNS = "etl:runs:active"  # run ids not ended yet: what the supervisor watches
+UNRECORDED = "etl:runs:unrecorded"  # failed runs whose metrics row is not written yet
 _KEEP_S = 30 * 24 * 3600  # run records are kept a month for `etl status` and dashboards
 _PARTS = ("unit", "units", "split", "chunks", "chunk_unit", "transformed", "done", "ledger",
           "rejected",
@@ -94,6 +95,8 @@ class Summary:
     files: list[dict[str, Any]] = field(default_factory=list)
     dead_letters: list[dict[str, Any]] = field(default_factory=list)
     error: str | None = None
+    # Seconds per stage, errors by class, error rate, source latency (`metrics()`).
+    metrics: dict[str, Any] = field(default_factory=dict)
 
     def public(self) -> dict[str, Any]:
         data = asdict(self)
@@ -339,8 +342,11 @@ def is_complete(r: redis.Redis, run_id: str) -> bool:
 
 def note_stage_time(r: redis.Redis, run_id: str, stage: str, seconds: float) -> None:
     """Time spent in one step of a stage (any outcome): summed per stage for the run."""
-    r.hincrbyfloat(key(run_id, "stage_s"), stage, seconds)
-    r.expire(key(run_id, "stage_s"), _KEEP_S)
+    with r.pipeline() as p:
+        p.hincrbyfloat(key(run_id, "stage_s"), stage, seconds)
+        p.hincrby(key(run_id, "stage_n"), stage, 1)
+        _keep(p, run_id, "stage_s", "stage_n")
+        p.execute()
 
 
 def note_error(r: redis.Redis, run_id: str, error_class: str) -> None:
@@ -359,7 +365,11 @@ def metrics(r: redis.Redis, run_id: str) -> dict[str, Any]:
     errors = {k: int(v) for k, v in _hash(r, key(run_id, "errors")).items()}
     began = data.get("planning_at") or data.get("created_at")
     first = data.get("first_row_at")
+    steps = sum(int(v) for v in _hash(r, key(run_id, "stage_n")).values())
+    failures = sum(errors.values())
     return {"stage_s": stage_s, "errors_by_class": errors,
+            # Failed step attempts among all step attempts (a retried step counts each try).
+            "error_rate": round(failures / max(steps, failures), 4) if failures else 0.0,
             "source_latency_s": round(float(first) - float(began), 3) if first and began
             else None}
 
@@ -390,13 +400,23 @@ def finish(r: redis.Redis, run_id: str, summary: Summary) -> None:
     r.srem(ACTIVE_RUNS, run_id)
 
 
-def fail(r: redis.Redis, run_id: str, reason: str) -> None:
-    """Mark a run failed with a reason an operator can act on (never patient data)."""
+def fail(r: redis.Redis, run_id: str, reason: str, *, record: bool = True) -> None:
+    """Mark a run failed with a reason an operator can act on (never patient data). Its
+    metrics row is written by the loader (finalize); `record=False` for a run that never
+    started (its source was busy with another run)."""
     if not exists(r, run_id) or status(r, run_id) in ENDED:
         return  # a record Redis lost is not re-created as a stub
-    r.hset(key(run_id), mapping={"status": "failed", "finished_at": time.time(),
-                                "error": reason})
-    r.srem(ACTIVE_RUNS, run_id)
+    with r.pipeline() as p:
+        p.hset(key(run_id), mapping={"status": "failed", "finished_at": time.time(),
+                                    "error": reason})
+        p.srem(ACTIVE_RUNS, run_id)
+        if record:
+            p.sadd(UNRECORDED, run_id)
+        p.execute()
+
+
+def unrecorded(r: redis.Redis) -> list[str]:
+    return sorted(_members(r, UNRECORDED))
 
 
 def active_runs(r: redis.Redis) -> list[str]:

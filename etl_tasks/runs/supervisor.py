@@ -49,6 +49,9 @@ def supervise(res: Resources, send: Sender, now: float | None = None) -> Report:
     r, overdue = res.redis, res.settings.overdue_s
     now = time.time() if now is None else now
     report = Report()
+    for run_id in state.unrecorded(r):  # failed runs: the loader writes their metrics row
+        send.finalize(run_id)
+        report.finalized.append(run_id)
     for run_id in state.active_runs(r):
         data = state.info(r, run_id)
         if "source" not in data:

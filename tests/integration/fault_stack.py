@@ -246,20 +246,22 @@ def make_template(path: Path, runtime_dir: Path, claims: int = CLAIMS) -> Path:
 def fault_stack(root: Path, template: Path, runtime_dir: Path, *, appendonly: bool = False,
                 location: str = "BILLING_CLAIMS", schedule: str = '"manual"',
                 env: dict[str, str] | None = None, chunk_size: int = CHUNK_SIZE,
-                maxmemory: str = "256mb",
-                firebird_server: bool = False) -> Iterator[FaultStack]:
+                maxmemory: str = "256mb", firebird_server: bool = False,
+                pipeline_extra: str = "") -> Iterator[FaultStack]:
     """A FaultStack with Redis up and this process pointed at it; no worker started yet.
 
     runtime_dir must be the Firebird runtime folder this process already uses (its lock
     folder is shared by every process opening a database). With `firebird_server`, the
     stack's ETL_FIREBIRD_DSN names a CLAIMS-claim database on its own Firebird server.
+    `pipeline_extra` is TOML appended to the pipeline config (more sources, thresholds).
     """
     saved = dict(os.environ)
     data = root / "data"
     data.mkdir(parents=True)
     shutil.copyfile(template, data / "billing.fdb")
     (root / "pipeline.toml").write_text(PIPELINE.format(location=location, schedule=schedule,
-                                                        chunk_size=chunk_size))
+                                                        chunk_size=chunk_size)
+                                          + pipeline_extra)
     server = RedisServer(root / "redis", appendonly=appendonly, maxmemory=maxmemory)
     base = {k: v for k, v in saved.items() if not k.startswith("ETL_FAULT_")}
     stack_env = {

@@ -19,6 +19,7 @@ from etl_tasks.demo_data import generate_claims
 from etl_tasks.errors import FatalError
 from tests.integration import oracle
 from tests.integration.fault_stack import FaultStack, wait_until
+from tests.integration.receivers import http_receiver
 from tests.integration.test_faults import wait_end
 
 pytestmark = pytest.mark.integration
@@ -219,37 +220,15 @@ def test_quarantine_purge_drops_raw_values_and_keeps_the_accounting(world):
 def test_a_failing_task_is_reported_to_sentry_without_patient_data(world):
     """With ETL_SENTRY_DSN pointing at a receiver on loopback, a plan that fails (its table
     does not exist) is reported by the worker's Sentry integration, with our safe message."""
-    import gzip
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-
-    received: list[bytes] = []
-
-    class Receiver(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            if self.headers.get("Content-Encoding") == "gzip":
-                body = gzip.decompress(body)
-            received.append(body)
-            self.send_response(200)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        dsn = f"http://public@127.0.0.1:{server.server_address[1]}/1"
+    with http_receiver() as sentry:
+        received = sentry.bodies
+        dsn = sentry.url.replace("http://", "http://public@") + "/1"
         stack = world(location="NO_SUCH_TABLE", env={"ETL_SENTRY_DSN": dsn})
         stack.start_all()
         failed = wait_end(stack, run_source("billing"), 60)
         assert failed.status == "failed", failed
         wait_until(lambda: any(b"FatalError" in body for body in received), 30,
                    "the Sentry event")
-    finally:
-        server.shutdown()
-        server.server_close()
     event = next(body for body in received if b"FatalError" in body)
     assert b"does not exist" in event
     assert b'"vars"' not in event
