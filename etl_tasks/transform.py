@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -98,10 +99,7 @@ def transform_chunk(
     """
     table = _conform(dataset, table)
     if dataset == "billing_claims":
-        source_ref = pc.binary_join_element_wise(
-            "CLAIM_ID=", pc.cast(table["claim_id"], pa.string()), "",
-            null_handling="replace", null_replacement="NULL",
-        )
+        source_ref = _claim_refs(table["claim_id"])
         report = validate_batch(_billing_frame(table), BILLING_CLAIMS)
         keep = np.ones(table.num_rows, dtype=bool)
         keep[list(report.failures)] = False
@@ -120,6 +118,14 @@ def transform_chunk(
         valid = _registration_rows(report, source_ref)
     quarantined = _quarantine(table, source_ref, report.failures)
     return TransformResult(valid=valid.cast(OUTPUT_SCHEMAS[dataset]), quarantined=quarantined)
+
+
+def _claim_refs(claim_ids: pa.ChunkedArray | pa.Array) -> pa.ChunkedArray | pa.Array:
+    """A claim's source pointer, `CLAIM_ID=<id>`."""
+    return pc.binary_join_element_wise(
+        "CLAIM_ID=", pc.cast(claim_ids, pa.string()), "",
+        null_handling="replace", null_replacement="NULL",
+    )
 
 
 def _conform(dataset: Dataset, table: pa.Table) -> pa.Table:
@@ -223,3 +229,80 @@ def _quarantine(
         },
         schema=QUARANTINE_SCHEMA,
     )
+
+
+# A reason that is a fact about the row's file (an earlier row had its key), not its values.
+_DUPLICATE_IN_FILE = ": duplicate within file"
+
+
+@dataclass(frozen=True)
+class Restaged:
+    """Quarantined rows read back from their raw values into a staged chunk."""
+
+    table: pa.Table
+    """The rows that could be read back, in input order, in the staged chunk's contract."""
+    unreadable: dict[int, list[str]]
+    """Input position -> why that row could not be read back (no values quoted)."""
+
+
+def restage_quarantined(
+    dataset: Dataset, raws: Sequence[str], source_refs: Sequence[str], reasons: Sequence[str]
+) -> Restaged:
+    """Rebuild a staged chunk from quarantined rows, the inverse of their raw JSON, so that
+    transform_chunk can judge them again by the current rules.
+
+    A row quarantined as a duplicate within its file stays one (the flag is a fact about the
+    file). A row whose raw is not an object of text values, whose values no longer read as
+    the contract's types (someone edited them), or, for claims, whose claim id no longer
+    gives its source pointer, is left out with that reason.
+    """
+    schema = _INPUT_SCHEMAS[dataset]
+    names = [name for name in schema.names if not name.startswith("_")]
+    unreadable: dict[int, list[str]] = {}
+    values: dict[str, list[str | None]] = {name: [] for name in names}
+    for position, raw in enumerate(raws):
+        try:
+            row = json.loads(raw)
+        except ValueError:
+            row = None
+        if not isinstance(row, dict) or not all(v is None or isinstance(v, str)
+                                                for v in row.values()):
+            unreadable[position] = ["raw: not an object of the row's values as text"]
+            row = {}
+        for name in names:
+            values[name].append(row.get(name))
+    columns: dict[str, pa.Array] = {}
+    for name in names:
+        columns[name] = _read_back(name, values[name], schema.field(name).type, unreadable)
+    refs = pa.array(source_refs, pa.string())
+    if dataset == "billing_claims":
+        # The pointer is made from the claim id, and the replay finds rows by their pointer.
+        same = pc.fill_null(pc.equal(_claim_refs(columns["claim_id"]), refs), False)
+        for mismatch in np.flatnonzero(~same.to_numpy(zero_copy_only=False)):
+            unreadable.setdefault(int(mismatch), []).append(
+                "claim_id: must match the source pointer")
+    else:
+        columns["_source_ref"] = refs
+        columns["_duplicate"] = pa.array([_DUPLICATE_IN_FILE in r for r in reasons], pa.bool_())
+    keep = pa.array([p not in unreadable for p in range(len(raws))], pa.bool_())
+    return Restaged(pa.table(columns, schema=schema).filter(keep), unreadable)
+
+
+def _read_back(name: str, texts: list[str | None], type_: pa.DataType,
+               unreadable: dict[int, list[str]]) -> pa.Array:
+    """One column of raw text as `type_`; values that do not read as it are noted by row."""
+    column = pa.array(texts, pa.string())
+    try:
+        return pc.cast(column, type_)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        pass  # some value does not read: find which, one by one (a rare, small path)
+    readable: list[str | None] = []
+    for position, text in enumerate(texts):
+        try:
+            pc.cast(pa.array([text], pa.string()), type_)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+            # Arrow's message quotes the value (patient data): only the rule is kept.
+            unreadable.setdefault(position, []).append(f"{name}: cannot be read as {type_}")
+            text = None
+        readable.append(text)
+    return pc.cast(pa.array(readable, pa.string()), type_)

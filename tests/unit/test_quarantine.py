@@ -1,0 +1,170 @@
+"""load/quarantine.py on a real DuckDB file: listing without values, and the replay of
+quarantined rows against the current rules, exactly once."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import duckdb
+import pytest
+
+from etl_tasks.load import duckdb as store
+from etl_tasks.load import quarantine
+from etl_tasks.transform import transform_chunk
+from tests.unit.test_transform import claims, labs
+
+RUN = "run-1"
+
+
+def _load(con, source, dataset, table, chunk, chunk_id):
+    """Commit a chunk the way the loader does: transform, then write_chunk with its ledger."""
+    result = transform_chunk(dataset, chunk)
+    store.write_chunk(con, source=source, table=table, dataset=dataset,
+                      entry=store.LedgerEntry(RUN, chunk_id, chunk_id, "range"),
+                      valid=result.valid, quarantined=result.quarantined)
+
+
+@pytest.fixture
+def con(tmp_path):
+    con = store.connect(tmp_path / "warehouse.duckdb")
+    yield con
+    con.close()
+
+
+def _edit_raw(con, source, ref, **values):
+    """What a source fix amounts to: the quarantined row's values changed (None: purged)."""
+    if values.get("raw", "") is None:
+        con.execute("UPDATE etl_quarantine SET raw = NULL WHERE source = ? AND source_ref = ?",
+                    [source, ref])
+        return
+    [(raw,)] = con.execute("SELECT raw FROM etl_quarantine WHERE source = ? AND source_ref = ?",
+                           [source, ref]).fetchall()
+    con.execute("UPDATE etl_quarantine SET raw = ? WHERE source = ? AND source_ref = ?",
+                [json.dumps({**json.loads(raw), **values}, ensure_ascii=False), source, ref])
+
+
+def _counts(con, table, source):
+    return (con.execute(f"SELECT count(*), count(DISTINCT claim_id) FROM {table}").fetchone(),
+            con.execute("SELECT count(*) FROM etl_quarantine WHERE source = ?",
+                        [source]).fetchone()[0],
+            con.execute("SELECT count(*) FROM etl_load_ledger").fetchone()[0])
+
+
+def _reasons(con, source):
+    return dict(con.execute("SELECT source_ref, reasons FROM etl_quarantine WHERE source = ?",
+                            [source]).fetchall())
+
+
+def test_replay_loads_what_passes_now_once_and_refreshes_what_still_fails(con):
+    """After a source fix, a claim that passes is upserted with its exact decimal, released
+    from quarantine and recorded in the ledger in one go; one failing differently gets its
+    new rule, an unreadable one and a purged one stay; a second replay changes nothing."""
+    _load(con, "billing", "billing_claims", "billing_claims", claims(
+        {}, {"amount": Decimal("-5.00")}, {"status": "unknown"}, {"cpt_code": "9921"},
+        {"patient_id": None}, {"amount": Decimal("-1.00")}), "billing:keys:1-6")
+    assert quarantine.replay(con, source="billing", dataset="billing_claims",
+                             table="billing_claims").public() == {
+        "examined": 5, "loaded": 0, "unchanged": 0, "still_quarantined": 5,
+        "reasons_refreshed": 0, "purged": 0, "chunks": 0}
+    _edit_raw(con, "billing", "CLAIM_ID=2", amount="12.50")       # fixed
+    _edit_raw(con, "billing", "CLAIM_ID=3", status="paid", cpt_code="123")  # broken otherwise
+    _edit_raw(con, "billing", "CLAIM_ID=4", amount="twelve")      # not a decimal at all
+    _edit_raw(con, "billing", "CLAIM_ID=5", raw=None)             # purged
+    _edit_raw(con, "billing", "CLAIM_ID=6", claim_id="60")        # key no longer its pointer
+    before = _counts(con, "billing_claims", "billing")
+
+    counts = quarantine.replay(con, source="billing", dataset="billing_claims",
+                               table="billing_claims")
+
+    assert counts.public() == {"examined": 4, "loaded": 1, "unchanged": 0,
+                               "still_quarantined": 3, "reasons_refreshed": 3, "purged": 1,
+                               "chunks": 1}
+    after = _counts(con, "billing_claims", "billing")
+    assert after == ((before[0][0] + 1, before[0][1] + 1), before[1] - 1, before[2] + 1)
+    assert con.execute("SELECT amount, source_ref, _run_id FROM billing_claims WHERE "
+                       "claim_id = 2").fetchall() == [(Decimal("12.50"), "CLAIM_ID=2",
+                                                       store.REPLAY_RUN_ID)]
+    reasons = _reasons(con, "billing")
+    assert "CLAIM_ID=2" not in reasons
+    assert reasons["CLAIM_ID=3"] == "cpt_code: must be exactly 5 characters"
+    assert reasons["CLAIM_ID=4"] == "amount: cannot be read as decimal128(12, 2)"
+    assert reasons["CLAIM_ID=5"] == "patient_id: required"  # purged: left as it was
+    assert reasons["CLAIM_ID=6"] == "claim_id: must match the source pointer"
+    [(kind, unit, loaded)] = con.execute(
+        "SELECT kind, unit_id, rows_loaded FROM etl_load_ledger WHERE run_id = ?",
+        [store.REPLAY_RUN_ID]).fetchall()
+    assert (kind, unit, loaded) == (quarantine.REPLAY_KIND, "billing:keys:1-6", 1)
+    # The replay's ledger rows are not a lost run for the recovery to record as failed.
+    assert (store.REPLAY_RUN_ID, "billing") not in store.runs_without_record(con)
+
+    again = quarantine.replay(con, source="billing", dataset="billing_claims",
+                              table="billing_claims")
+    assert (again.loaded, again.chunks, again.reasons_refreshed) == (0, 0, 0)
+    assert _counts(con, "billing_claims", "billing") == after
+
+
+def test_the_same_rows_replayed_again_are_skipped_by_the_ledger(con):
+    """A replay chunk's id depends only on its rows: rows identical to ones already replayed
+    (say, a restored copy of the quarantine) are not loaded a second time."""
+    _load(con, "billing", "billing_claims", "billing_claims",
+          claims({"amount": Decimal("-5.00")}), "billing:keys:1-1")
+    _edit_raw(con, "billing", "CLAIM_ID=1", amount="5.00")
+    [fixed] = con.execute("SELECT * FROM etl_quarantine").fetchall()
+    assert quarantine.replay(con, source="billing", dataset="billing_claims",
+                             table="billing_claims").loaded == 1
+    con.execute("INSERT INTO etl_quarantine VALUES (?, ?, ?, ?, ?, ?, ?)", list(fixed))
+    ledger = con.execute("SELECT count(*) FROM etl_load_ledger").fetchone()
+    again = quarantine.replay(con, source="billing", dataset="billing_claims",
+                              table="billing_claims")
+    assert (again.loaded, again.chunks) == (0, 0)
+    assert con.execute("SELECT count(*) FROM billing_claims").fetchone() == (1,)
+    assert con.execute("SELECT count(*) FROM etl_load_ledger").fetchone() == ledger
+
+
+def test_a_duplicate_within_its_file_stays_quarantined(con):
+    """The file's first occurrence of a ResultId wins: a later duplicate stays quarantined
+    however its values read, while a repaired lab row loads with its source pointer."""
+    _load(con, "lab_results", "lab_results", "lab_results",
+          labs({}, {"result_id": "R-000001"}, {"result_id": "R-2", "status": "done"},
+               duplicate={1}), "lab:file:1")
+    _edit_raw(con, "lab_results", "in#2", status="final")
+    counts = quarantine.replay(con, source="lab_results", dataset="lab_results",
+                               table="lab_results")
+    assert (counts.loaded, counts.still_quarantined) == (1, 1)
+    assert _reasons(con, "lab_results") == {"in#1": "result_id: duplicate within file"}
+    assert con.execute("SELECT source_ref FROM lab_results ORDER BY 1").fetchall() == [
+        ("in#0",), ("in#2",)]
+
+
+def test_list_shows_rules_fields_and_pointers_but_no_values(con):
+    """summary() and rows() count and point at quarantined rows by rule, never by value."""
+    _load(con, "lab_results", "lab_results", "lab_results",
+          labs({"patient_id": "PCANARY1", "test_code": "xx", "value": "high"}), "lab:file:1")
+    _edit_raw(con, "lab_results", "in#0")
+    assert quarantine.summary(con) == {"lab_results": {
+        "rows": 1, "raw_purged": 0,
+        "by_reason": {"test_code: must be a LOINC code (digits-digit)": 1,
+                      "value: must be a decimal number": 1}}}
+    [row] = quarantine.rows(con, source="lab_results", limit=5)
+    assert row["fields"] == ["test_code", "value"]
+    assert (row["source_ref"], row["run_id"], row["chunk_id"], row["raw_kept"]) == (
+        "in#0", RUN, "lab:file:1", True)
+    text = json.dumps([quarantine.summary(con), quarantine.rows(con)])
+    assert "PCANARY1" not in text
+    assert "high" not in text
+    assert quarantine.rows(con, run_id="another run") == []
+
+
+def test_replay_of_a_store_without_quarantined_rows_does_nothing(tmp_path):
+    """A fresh store replays nothing and says so in counts."""
+    con = duckdb.connect(str(tmp_path / "w.duckdb"))
+    con.close()
+    con = store.connect(tmp_path / "w.duckdb")
+    try:
+        counts = quarantine.replay(con, source="registrations",
+                                   dataset="patient_registrations",
+                                   table="patient_registrations")
+    finally:
+        con.close()
+    assert counts.public() == quarantine.ReplayCounts().public()
