@@ -6,8 +6,11 @@ from celery import Celery
 from kombu.entity import Queue
 
 from etl_tasks.config import get_settings
+from etl_tasks.monitoring import logs
 
 settings = get_settings()
+# Every Celery process (workers, their pool children, beat) logs through structlog.
+logs.hook_celery(settings.log_format)
 
 app = Celery("etl_tasks", broker=settings.redis_url, backend=settings.redis_url,
              include=["etl_tasks.tasks"])

@@ -109,6 +109,9 @@ class Settings(BaseSettings):
     progress for ETL_STALL_S), even when nothing runs."""
     sentry_dsn: SecretStr | None = None
     """Errors go to Sentry when set (task arguments and local variables are never sent)."""
+    log_format: Literal["console", "json"] = "console"
+    """Worker, beat and CLI logs: readable lines, or one JSON object per line (for a log
+    collector). Either way each line carries run_id, source, stage and unit/chunk id fields."""
 
     @property
     def fallback_path(self) -> Path:

@@ -5,6 +5,8 @@ backoff and do not count as attempts; any other failure, or a start that never e
 the process died, counts as an attempt (kept in Redis, outside the message); past the limit
 the step becomes a dead letter and the rest of the run goes on. A key range that runs out of
 memory (or kills its worker past the limit) is split in halves first (`runs/split.py`).
+It also binds the log fields of the work (run, source, stage, unit or chunk) and hands Celery
+only sanitized exceptions (`errors.sanitized`), since Celery logs, stores and broadcasts them.
 """
 
 from __future__ import annotations
@@ -22,14 +24,15 @@ import redis
 from celery import Task
 from celery.exceptions import Retry
 from celery.signals import celeryd_init, worker_process_init
+from structlog.contextvars import bind_contextvars
 
 from etl_tasks import checkpoints, pipeline
 from etl_tasks.celery import app
-from etl_tasks.errors import DataQualityError, TransientError, safe_reason
+from etl_tasks.errors import DataQualityError, TransientError, safe_reason, sanitized
 from etl_tasks.load import duckdb as store
 from etl_tasks.load import quarantine, replay
 from etl_tasks.load.writer import StoreChain
-from etl_tasks.monitoring import alerts, health, webhook
+from etl_tasks.monitoring import alerts, health, logs, webhook
 from etl_tasks.monitoring.sentry import init_sentry
 from etl_tasks.resources import Resources, get_resources, reset_resources
 from etl_tasks.runs import dead_letters, items, lease, recovery, split, state, supervisor
@@ -51,8 +54,20 @@ class EtlTask(Task):  # type: ignore[misc]
     max_retries = 8
     throws = (DataQualityError,)
     stage: items.Stage | None = None  # the run step this task performs, if any
+    log_stage: str | None = None  # what the log lines of a task that is no step call it
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        logs.bind(task=self.name, task_id=self.request.id,
+                  **logs.step_fields(self.stage or self.log_stage, args))
+        try:
+            return self._call(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - re-raised below, sanitized
+            failure = exc
+        # Raised out here, so Python chains nothing to it: Celery logs this exception with its
+        # traceback, stores both in the result backend and sends them to Flower.
+        raise sanitized(failure, self.name)
+
+    def _call(self, *args: Any, **kwargs: Any) -> Any:
         if self.stage is None:
             return super().__call__(*args, **kwargs)
         run_id, item = args
@@ -78,14 +93,16 @@ class EtlTask(Task):  # type: ignore[misc]
             state.note_error(r, run_id, type(exc.exc or exc).__name__)
             items.forgive(r, run_id, stage, item, _eta(exc.when))
             raise
-        except Exception as exc:  # noqa: BLE001 - every failure is counted, then handled
+        except Exception as exc:  # every failure is counted, then handled
             state.note_stage_time(r, run_id, stage, time.monotonic() - began)
             state.note_error(r, run_id, type(exc).__name__)
             reason = safe_reason(exc, self.name)
             if isinstance(exc, MemoryError) and _split(res, run_id, stage, item, reason):
                 return None
+            # The traceback shows where it was raised; the log formatter withholds any
+            # message but our own (monitoring/logs.py).
             log.warning("%s %s of run %s failed (attempt %d of %d): %s", stage, item, run_id,
-                        count, limit, reason)
+                        count, limit, reason, exc_info=exc)
             items.note_failure(r, run_id, stage, item, reason)
             if count >= limit:
                 _dead_letter(res, run_id, stage, item, reason, count)
@@ -101,6 +118,8 @@ class EtlTask(Task):  # type: ignore[misc]
 
 class PlanTask(EtlTask):
     """The plan's failure is the run's: it is marked failed and its lease released."""
+
+    log_stage = "plan"
 
     def on_failure(self, exc: BaseException, task_id: str, args: Any, kwargs: Any,
                    einfo: Any) -> None:
@@ -218,6 +237,7 @@ def plan_source(self: Task, run_id: str | None, source: str) -> str:
     res = get_resources()
     if run_id is None:  # from beat: the run's id comes from this task's id
         run_id = run_id_of(self.request.id)
+        bind_contextvars(run_id=run_id)
         state.create(res.redis, run_id, source, origin="beat")
     if not checkpoints.intact(res.redis):
         # Redis lost its data: the loader rebuilds the checkpoints first, then plans again.
@@ -256,7 +276,7 @@ def load_task(run_id: str, chunk_id: str) -> dict[str, Any] | None:
             "already_loaded": result.already_loaded}
 
 
-@app.task(base=EtlTask, name="etl.load.finalize")
+@app.task(base=EtlTask, name="etl.load.finalize", log_stage="finalize")
 def finalize_task(run_id: str) -> str | None:
     """Finalize a run whose every chunk is settled; returns its status, None if not yet."""
     res = get_resources()

@@ -11,12 +11,14 @@ import sys
 
 from etl_tasks import app
 from etl_tasks.config import get_settings
+from etl_tasks.monitoring import logs
 
 
 def main(extra: list[str] | None = None) -> None:
-    data_dir = get_settings().data_dir
-    data_dir.mkdir(parents=True, exist_ok=True)
-    argv = ["beat", "--loglevel", "INFO", "-s", str(data_dir / "celerybeat-schedule")]
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [*logs.celery_options(settings.log_format),  # JSON logs: no banner
+            "beat", "--loglevel", "INFO", "-s", str(settings.data_dir / "celerybeat-schedule")]
     app.start(argv + (sys.argv[1:] if extra is None else extra))
 
 

@@ -14,6 +14,8 @@ import os
 import sys
 
 from etl_tasks import app
+from etl_tasks.config import get_settings
+from etl_tasks.monitoring import logs
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 AUTH_OPTIONS = ("--basic-auth", "--auth", "--oauth2-key")
@@ -40,6 +42,8 @@ def main(extra: list[str] | None = None) -> None:
         sys.exit(2)
     if _value(args, "--address") is None:
         args = [f"--address={address}", *args]
+    # Flower (tornado) adds no handler of its own when the root logger has one.
+    logs.setup(get_settings().log_format)
     app.start(["flower", *args])
 
 

@@ -11,13 +11,16 @@ import socket
 import sys
 
 from etl_tasks import app
+from etl_tasks.config import get_settings
+from etl_tasks.monitoring import logs
 
 ARGV = ["worker", "-Q", "load,control", "--concurrency", "1", "-n",
         f"loader@{socket.gethostname()}", "--loglevel", "INFO"]
 
 
 def main(extra: list[str] | None = None) -> None:
-    app.worker_main(ARGV + (sys.argv[1:] if extra is None else extra))
+    options = logs.celery_options(get_settings().log_format)  # JSON logs: no banner
+    app.worker_main(options + ARGV + (sys.argv[1:] if extra is None else extra))
 
 
 if __name__ == "__main__":
