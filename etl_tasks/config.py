@@ -107,6 +107,14 @@ class Settings(BaseSettings):
     health_check_every_s: float = Field(default=60.0, gt=0)
     """How often beat checks every source's staleness and every run for being stuck (no
     progress for ETL_STALL_S), even when nothing runs."""
+    staging_keys: SecretStr | None = None
+    """AES-GCM keys sealing the staged payloads (patient rows) in Redis: comma-separated
+    base64 of 32 bytes (`etl staging-key` makes one); the first seals, all open (rotation).
+    The same on every host."""
+    staging_key_file: Path | None = None
+    """Or a file holding them, one per line (a Docker/Kubernetes secret). With neither, a
+    development setup generates `ETL_DATA_DIR/.secrets/staging.key`; production refuses
+    to start."""
     sentry_dsn: SecretStr | None = None
     """Errors go to Sentry when set (task arguments and local variables are never sent)."""
     log_format: Literal["console", "json"] = "console"

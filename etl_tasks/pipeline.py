@@ -78,7 +78,7 @@ def extract_unit(res: Resources, run_id: str, unit_id: str, send: Dispatch) -> i
             except Exception as exc:
                 raise firebird.classify(
                     exc, f"table {src.location} keys {unit.lo}-{unit.hi}") from exc
-        staging.put(r, run_id, unit_id, "raw", table, ttl)
+        staging.put(r, res.sealer, run_id, unit_id, "raw", table, ttl)
         chunks[unit_id] = table.num_rows
     else:
         breaker.check()  # an inbox's failures are counted where it is listed: the plan
@@ -120,7 +120,8 @@ def _extract_file(res: Resources, ctx: RunContext, unit: Unit,
             if recovered:
                 state.recover_file(r, ctx.run_id, unit.unit_id, recovered.decode())
                 batch = batch.replace_schema_metadata(None)
-            staging.put(r, ctx.run_id, chunk_id, "raw", batch, res.settings.stage_ttl_s)
+            staging.put(r, res.sealer, ctx.run_id, chunk_id, "raw", batch,
+                        res.settings.stage_ttl_s)
             chunks[chunk_id] = batch.num_rows
             state.touch(r, ctx.run_id)  # a long file shows progress per batch
             items.heartbeat(r, ctx.run_id, "extract", unit.unit_id)
@@ -142,13 +143,13 @@ def transform_staged(res: Resources, run_id: str, chunk_id: str, send: Dispatch)
         return 0
     faults.fault_point("transform", chunk_id, r)
     try:
-        raw = staging.get(r, run_id, chunk_id, "raw")
+        raw = staging.get(r, res.sealer, run_id, chunk_id, "raw")
     except staging.StagingLost:
         restage(res, run_id, chunk_id, send)
         return 0
     result = transform_chunk(ctx.src.dataset, raw)  # type: ignore[arg-type]
-    staging.put(r, run_id, chunk_id, "valid", result.valid, ttl)
-    staging.put(r, run_id, chunk_id, "quarantine", result.quarantined, ttl)
+    staging.put(r, res.sealer, run_id, chunk_id, "valid", result.valid, ttl)
+    staging.put(r, res.sealer, run_id, chunk_id, "quarantine", result.quarantined, ttl)
     state.mark_transformed(r, run_id, chunk_id)
     send.load(run_id, chunk_id)
     return int(raw.num_rows)
@@ -169,8 +170,8 @@ def load_staged(res: Resources, chain: StoreChain, run_id: str, chunk_id: str,
     result, where = chain.committed(run_id, chunk_id), "committed"
     if result is None:
         try:
-            valid = staging.get(r, run_id, chunk_id, "valid")
-            quarantined = staging.get(r, run_id, chunk_id, "quarantine")
+            valid = staging.get(r, res.sealer, run_id, chunk_id, "valid")
+            quarantined = staging.get(r, res.sealer, run_id, chunk_id, "quarantine")
         except staging.StagingLost:
             restage(res, run_id, chunk_id, send)
             return None

@@ -12,6 +12,7 @@ from functools import cached_property
 import redis
 
 from etl_tasks.config import PipelineConfig, Settings, get_settings, load_pipeline
+from etl_tasks.sealing import Sealer, sealer_from
 from etl_tasks.sources.firebird import ConnectionPool, FirebirdTarget
 
 
@@ -26,6 +27,11 @@ class Resources:
     @cached_property
     def redis(self) -> redis.Redis:
         return redis.Redis.from_url(self.settings.redis_url, health_check_interval=30)
+
+    @cached_property
+    def sealer(self) -> Sealer:
+        """The staging keys (sealing.py): staged patient rows are sealed with them."""
+        return sealer_from(self.settings)
 
     @cached_property
     def firebird_target(self) -> FirebirdTarget:

@@ -1,14 +1,18 @@
-"""Chunk payloads staged outside the task messages: zstd Arrow IPC in Redis with a TTL.
+"""Chunk payloads staged outside the task messages: zstd Arrow IPC, sealed with AES-GCM
+(`sealing.py`), in Redis with a TTL.
 
-Messages carry only run and chunk ids; the rows (patient data) live here until the load
-commits, then are deleted. Keys are scoped by run, so two runs never read or delete each
-other's payloads. A payload that is gone before it was used (expired, or Redis lost it) raises
-`StagingLost`: the pipeline extracts that unit again rather than failing the run. A full
-Redis is a `TransientError` (retried), checked here once for every stage that stages.
+Messages carry only run and chunk ids; the rows (patient data) live here, unreadable without
+the staging key, until the load commits, then are deleted. A payload that fails
+authentication is treated as lost: never data. Keys are scoped by run, so two runs never
+read or delete each other's payloads. A payload that is gone before it was used (expired, or
+Redis lost it) raises `StagingLost`: the pipeline extracts that unit again rather than
+failing the run. A full Redis is a `TransientError` (retried), checked here once for every
+stage that stages.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Literal
@@ -17,6 +21,9 @@ import pyarrow as pa
 import redis
 
 from etl_tasks.errors import EtlError, TransientError
+from etl_tasks.sealing import SealBroken, Sealer
+
+log = logging.getLogger(__name__)
 
 Stage = Literal["raw", "valid", "quarantine"]
 # Staging may fill Redis up to this share of its maxmemory; the rest is for the broker's
@@ -69,20 +76,27 @@ def _check_room(r: redis.Redis, size: int, what: str) -> None:
             "staged chunks (see docs/configuration.md to size Redis)", source="staging")
 
 
-def put(r: redis.Redis, run_id: str, chunk_id: str, stage: Stage, table: pa.Table,
-        ttl_s: int) -> None:
-    payload, what = encode(table), f"the {stage} payload of chunk {chunk_id}"
+def put(r: redis.Redis, sealer: Sealer, run_id: str, chunk_id: str, stage: Stage,
+        table: pa.Table, ttl_s: int) -> None:
+    name, what = _key(run_id, chunk_id, stage), f"the {stage} payload of chunk {chunk_id}"
+    payload = sealer.seal(name, encode(table))
     with translate_errors(what):
         _check_room(r, len(payload), what)
-        r.set(_key(run_id, chunk_id, stage), payload, ex=ttl_s)
+        r.set(name, payload, ex=ttl_s)
 
 
-def get(r: redis.Redis, run_id: str, chunk_id: str, stage: Stage) -> pa.Table:
-    payload = r.get(_key(run_id, chunk_id, stage))
+def get(r: redis.Redis, sealer: Sealer, run_id: str, chunk_id: str, stage: Stage) -> pa.Table:
+    name = _key(run_id, chunk_id, stage)
+    payload = r.get(name)
     if payload is None:
         raise StagingLost(f"staged {stage} payload of chunk {chunk_id} of run {run_id} is "
                           "gone (expired or lost by Redis); its unit is extracted again")
-    return decode(payload)  # type: ignore[arg-type]
+    try:
+        return decode(sealer.open(name, payload))  # type: ignore[arg-type]
+    except SealBroken as exc:  # logged without a traceback: the reason is all there is
+        log.error("%s; chunk %s of run %s is extracted again", exc, chunk_id, run_id)  # noqa: TRY400
+        raise StagingLost(f"staged {stage} payload of chunk {chunk_id} of run {run_id} "
+                          "failed authentication; its unit is extracted again") from None
 
 
 def drop(r: redis.Redis, run_id: str, chunk_id: str) -> None:

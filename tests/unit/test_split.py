@@ -8,8 +8,10 @@ import pyarrow as pa
 from etl_tasks import checkpoints, staging
 from etl_tasks.runs import split, state, window
 from etl_tasks.runs.state import Unit
+from etl_tasks.sealing import Sealer
 
 RUN = "run1"
+SEALER = Sealer((bytes(32),))  # a fixed test key
 
 
 def ranges(*bounds: tuple[int, int]) -> list[Unit]:
@@ -47,7 +49,7 @@ def test_split_unit_replaces_it_in_plan_order_and_the_mark_walks_the_halves(clie
     assert window.release(r, RUN, 2) == ids[:2]
     for unit_id in ids[:2]:
         state.register_chunks(r, RUN, unit_id, {unit_id: 100})
-    staging.put(r, RUN, ids[1], "raw", pa.table({"x": [1]}), 60)
+    staging.put(r, SEALER, RUN, ids[1], "raw", pa.table({"x": [1]}), 60)
 
     parts = split.split_unit(r, RUN, ids[1], 10, "transform", "MemoryError")
     assert parts is not None

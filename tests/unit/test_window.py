@@ -12,8 +12,10 @@ from etl_tasks import staging
 from etl_tasks.errors import TransientError
 from etl_tasks.runs import dead_letters, state, window
 from etl_tasks.runs.state import Unit
+from etl_tasks.sealing import Sealer
 
 RUN = "run1"
+SEALER = Sealer((bytes(32),))  # a fixed test key
 
 
 def plan(r, *units: Unit) -> None:
@@ -76,7 +78,7 @@ def test_staging_refuses_to_fill_redis(client):
         table = pa.table({"blob": [os.urandom(1 << 20)]})
         with pytest.raises(TransientError, match="Redis staging is full"):  # noqa: PT012
             for n in range(16):
-                staging.put(r, RUN, f"c{n}", "raw", table, 60)
+                staging.put(r, SEALER, RUN, f"c{n}", "raw", table, 60)
         assert n >= 2, f"refused at the {n + 1}th payload: the fence is too tight"
         used = int(r.info("memory")["used_memory"])
         assert used < 8 << 20, "staging filled Redis past maxmemory"
