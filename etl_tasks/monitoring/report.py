@@ -167,9 +167,9 @@ def sections(data: ReportData) -> list[Section]:
         Section("Rows per run", "Rows loaded and quarantined by each run, by its end time.",
                 _per_run_bars(data, "rows", [(c, c) for c in _ROWS], stacked=False,
                               unit="rows")),
-        Section("Quality", "Quality score per run (valid rows / rows read).",
+        Section("Quality", "Quality score per run: loaded / (loaded + quarantined).",
                 _trend(data, "quality", "quality_score", zero=False, unit="")),
-        Section("Duration", "Wall-clock seconds per run, plan to finalize.",
+        Section("Duration", "Wall-clock seconds per run, from its start to its finalize.",
                 _trend(data, "duration", "duration_s", zero=True, unit="s")),
     ]
     stages = [(c, c.removesuffix("_s")) for c in STAGES if c in data.present]
@@ -185,8 +185,9 @@ def sections(data: ReportData) -> list[Section]:
                                              "reasons", sorted(counts.items()), colour,
                                              series=source, unit="rows")
                         if counts else _none(f"no quarantined rows in {source}'s runs")))
-    out.append(Section("Quarantine reasons", "Quarantined rows by broken rule over the runs "
-                       "covered (a row breaking two rules counts under each).", reasons))
+    out.append(Section("Quarantine reasons", "Rows of the runs covered still in quarantine, "
+                       "by broken rule (a row breaking two rules counts under each; a row "
+                       "replayed out of quarantine no longer counts).", reasons))
     return out
 
 
@@ -244,7 +245,7 @@ _STYLE = """
 body { font: 14px/1.4 system-ui, sans-serif; margin: 24px; color: #1a202c; max-width: 1240px; }
 h1 { font-size: 22px; margin: 0 0 4px; } h2 { font-size: 17px; margin: 28px 0 4px; }
 .meta { color: #4a5568; margin: 0 0 8px; } .note { color: #4a5568; margin: 0 0 8px; }
-.grid { display: flex; flex-wrap: wrap; gap: 16px; }
+.charts { display: flex; flex-wrap: wrap; gap: 16px; }
 figure { margin: 0; border: 1px solid #e2e8f0; border-radius: 4px; padding: 8px; }
 figcaption { font-weight: 600; margin-bottom: 4px; }
 svg.chart { display: block; max-width: 100%; height: auto; }
@@ -291,7 +292,7 @@ def render(data: ReportData) -> str:
         return "\n".join([*parts, "</body></html>"])
     for section in sections(data):
         parts.append(f"<h2>{escape(section.title)}</h2><p class=\"note\">"
-                     f"{escape(section.note)}</p><div class=\"grid\">")
+                     f"{escape(section.note)}</p><div class=\"charts\">")
         parts.extend(f"<figure><figcaption>{escape(caption)}</figcaption>{body}</figure>"
                      for caption, body in section.charts)
         parts.append("</div>")

@@ -157,9 +157,6 @@ def test_report_charts_are_drawn_with_the_numbers_of_the_store(env, two_runs_eac
     for source, counts in counted.items():
         drawn = {m["item"]: m["value"] for m in charts[f"reasons:{source}"]}
         assert drawn == dict(counts), source
-        # Each quarantined row broke at least one rule.
-        assert sum(drawn.values()) >= sum(r["quarantined"] for r in runs
-                                          if r["source"] == source)
     # No patient value: the demo's patient ids (P + six digits, in quarantined rows' raw
     # values too) appear nowhere on the page.
     assert not re.search(r"P\d{6}", page)
