@@ -277,10 +277,10 @@ def restage_quarantined(
     refs = pa.array(source_refs, pa.string())
     if dataset == "billing_claims":
         # The pointer is made from the claim id, and the replay finds rows by their pointer.
+        # (A row already left out has its reason; a mismatch would only repeat it.)
         same = pc.fill_null(pc.equal(_claim_refs(columns["claim_id"]), refs), False)
         for mismatch in np.flatnonzero(~same.to_numpy(zero_copy_only=False)):
-            unreadable.setdefault(int(mismatch), []).append(
-                "claim_id: must match the source pointer")
+            unreadable.setdefault(int(mismatch), ["claim_id: must match the source pointer"])
     else:
         columns["_source_ref"] = refs
         columns["_duplicate"] = pa.array([_DUPLICATE_IN_FILE in r for r in reasons], pa.bool_())

@@ -37,10 +37,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
                         help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--timeout", type=float, default=5.0,
                         help="seconds a scrape waits for DuckDB, Redis and the workers' "
-                        "answer (default 5; keep it under Prometheus' scrape_timeout)")
+                        "answer (default 5; over 1, the time the workers are given to answer, "
+                        "and under Prometheus' scrape_timeout)")
     parser.add_argument("--last", type=int, default=20,
                         help="runs per source the figures look at (default 20, as etl status)")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.timeout <= 1.0:  # status.workers_by_queue always waits 1 s for the replies
+        parser.error("--timeout must be over 1 s: the workers are given 1 s to answer")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -108,8 +108,7 @@ class Figures:
         trend = figures.get("quality_trend")
         if isinstance(trend, list):
             flat["runs"] = len(trend)
-            scores = [s for s in trend if s is not None]
-            flat["quality_score"] = scores[-1] if scores else None
+            flat["quality_score"] = trend[-1] if trend else None
         for key, value in flat.items():
             number = _number(value)
             if number is not None and _METRIC_KEY.match(key):

@@ -11,7 +11,7 @@ import pytest
 
 from etl_tasks.load import duckdb as store
 from etl_tasks.load import quarantine
-from etl_tasks.transform import transform_chunk
+from etl_tasks.transform import restage_quarantined, transform_chunk
 from tests.unit.test_transform import claims, labs
 
 RUN = "run-1"
@@ -168,3 +168,20 @@ def test_replay_of_a_store_without_quarantined_rows_does_nothing(tmp_path):
     finally:
         con.close()
     assert counts.public() == quarantine.ReplayCounts().public()
+
+
+def test_rows_that_cannot_be_read_back_are_left_out_with_one_reason_each():
+    """restage_quarantined names why a row cannot be judged again (never its value), once."""
+    restaged = restage_quarantined(
+        "billing_claims",
+        ['{"claim_id": "1", "amount": "1.5", "updated_at": "2026-01-01 00:00:01.000000"}',
+         "not json", '{"claim_id": "x"}', '{"claim_id": "4"}', '{"claim_id": "5", "amount": 3}'],
+        ["CLAIM_ID=1", "CLAIM_ID=2", "CLAIM_ID=3", "CLAIM_ID=40", "CLAIM_ID=5"],
+        [""] * 5)
+    assert restaged.unreadable == {
+        1: ["raw: not an object of the row's values as text"],
+        2: ["claim_id: cannot be read as int64"],
+        3: ["claim_id: must match the source pointer"],
+        4: ["raw: not an object of the row's values as text"]}
+    assert restaged.table.column("claim_id").to_pylist() == [1]
+    assert str(restaged.table.column("amount")[0]) == "1.50"
