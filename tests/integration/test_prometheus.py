@@ -93,8 +93,11 @@ def _exporter(env: dict[str, str], log: Path, timeout_s: float) -> tuple[Any, st
     return _process(args, log, env, url), url
 
 
-def _samples(text: str) -> dict[str, float]:
-    """`name{labels}` -> value of a /metrics page."""
+def _scrape(url: str, within_s: float = 5.0) -> dict[str, float]:
+    """`name{labels}` -> value of the /metrics page, which must answer within `within_s`."""
+    began = time.monotonic()
+    text = _get(url, timeout=within_s + 5).decode()
+    assert time.monotonic() - began < within_s
     found = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
@@ -277,9 +280,7 @@ def test_a_scrape_answers_while_duckdb_is_held_or_redis_is_gone(env, tmp_path):
                               tmp_path / "exporter-held.log", timeout_s=2.0)
     try:
         with exporter:
-            began = time.monotonic()
-            held = _samples(_get(url).decode())
-            assert time.monotonic() - began < 5
+            held = _scrape(url)
             assert held["etl_exporter_up"] == 0
             assert held['etl_exporter_part_up{part="status"}'] == 0
             assert held['etl_exporter_part_up{part="queues"}'] == 1
@@ -287,7 +288,7 @@ def test_a_scrape_answers_while_duckdb_is_held_or_redis_is_gone(env, tmp_path):
             assert not any(k.startswith("etl_source_") for k in held)
             holder.close()
             deadline = time.monotonic() + 30  # the read under way gets the file, then ends
-            while _samples(_get(url).decode())["etl_exporter_up"] != 1:
+            while _scrape(url)["etl_exporter_up"] != 1:
                 assert time.monotonic() < deadline, "figures did not come back"
                 time.sleep(0.5)
     finally:
@@ -296,8 +297,6 @@ def test_a_scrape_answers_while_duckdb_is_held_or_redis_is_gone(env, tmp_path):
     exporter, url = _exporter({**env.env, "ETL_REDIS_URL": gone},
                               tmp_path / "exporter-gone.log", timeout_s=2.0)
     with exporter:
-        began = time.monotonic()
-        samples = _samples(_get(url).decode())
-        assert time.monotonic() - began < 5
+        samples = _scrape(url)
         assert samples["etl_exporter_up"] == 0
         assert samples['etl_exporter_part_up{part="queues"}'] == 0
