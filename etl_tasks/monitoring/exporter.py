@@ -3,8 +3,9 @@
 
 Labels are source, queue, fallback, severity, run status and error class names only, never a
 value read from the data. A scrape never hangs: the reads run in worker threads and a read not
-done within `timeout_s` (DuckDB held by its writer, Redis gone) is reported as
-`etl_exporter_up 0` with the parts that did answer.
+done within `timeout_s` (Redis gone or not answering) is reported as `etl_exporter_up 0` with
+the parts that did answer. A DuckDB file held by its writer is waited for a part of the
+timeout only: `collect` then reads the run figures from Redis's run records.
 """
 
 from __future__ import annotations
@@ -145,6 +146,10 @@ def status_figures(figures: Figures, collected: dict[str, Any]) -> None:
         for name in statuses:
             figures.add("etl_source_last_run_status", "1 for the last run's status, else 0.",
                         float(name == current), source=source, status=name)
+    for store in dict.fromkeys(["duckdb", "redis", str(collected.get("runs_from", "duckdb"))]):
+        figures.add("etl_status_runs_from", "1 for the store the run figures were read from "
+                    "(redis: DuckDB was held, figures from the run records).",
+                    float(store == collected.get("runs_from", "duckdb")), store=store)
     overall = collected["overall"]
     figures.numbers("etl_overall", overall)
     for fallback, counts in (overall.get("waiting_in_fallbacks") or {}).items():
@@ -247,6 +252,10 @@ def collector(last: int = 20, timeout_s: float = 5.0) -> EtlCollector:
     client = redis.Redis.from_url(res.settings.redis_url, socket_timeout=timeout_s,
                                   socket_connect_timeout=timeout_s)
     options = dict(app.conf.broker_transport_options or {})
+    # DuckDB held past this wait: the run figures come from Redis's run records, leaving the
+    # rest of the timeout for them and for the workers' 1 s to answer.
+    store_wait_s = max(0.2, timeout_s - 2.0)
     return EtlCollector(
-        lambda: status.collect(res.settings, sources, client, app.control, last=last),
+        lambda: status.collect(res.settings, sources, client, app.control, last=last,
+                               store_wait_s=store_wait_s),
         lambda: queue_depths(client, QUEUES, options), timeout_s)

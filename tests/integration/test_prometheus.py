@@ -1,5 +1,5 @@
 """A real Prometheus scrapes the exporter: its figures are `etl status --json`'s, every panel
-query of the Grafana dashboard answers, and a scrape answers even when a store cannot be read.
+query of the Grafana dashboard answers, and a scrape answers even when a store does not.
 
 Nothing is skipped: without Debian's `prometheus` (which ships `promtool`) the tests fail
 saying what to install (`make test` installs it).
@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -29,7 +30,7 @@ from kombu import Connection, Exchange, Producer, Queue
 from etl_tasks.api import run_source
 from etl_tasks.celery import QUEUES, app
 from etl_tasks.demo_data import generate_claims
-from etl_tasks.local_services import free_port
+from etl_tasks.local_services import RedisServer, free_port
 from etl_tasks.monitoring.exporter import queue_depths
 from etl_tasks.resources import get_resources
 
@@ -214,6 +215,14 @@ def test_prometheus_figures_match_etl_status_and_every_panel_answers(env, tmp_pa
             for metric, value in expected.items():
                 got = prom.values(f'{metric}{{source="{name}"}}').get(name)
                 assert got == (None if value is None else float(value)), (name, metric)
+            for key, value in (figures["last_run"] or {}).items():  # the run's metrics
+                if isinstance(value, int | float) and key not in ("loaded", "quarantined"):
+                    metric = "etl_source_last_run_" + (f"{key[:-2]}_seconds"
+                                                       if key.endswith("_s") else key)
+                    assert prom.values(f'{metric}{{source="{name}"}}') == {name: value}
+                elif key == "errors_by_class":
+                    assert prom.values(f'etl_source_last_run_errors_by_class{{source="{name}"}}',
+                                       "error_class") == value
             status_now = prom.values(f'etl_source_last_run_status{{source="{name}"}} == 1',
                                      "status")
             assert list(status_now) == ([figures["last_run"]["status"]]
@@ -225,6 +234,8 @@ def test_prometheus_figures_match_etl_status_and_every_panel_answers(env, tmp_pa
                 assert before - 1.5 - figures["staleness_s"] <= committed
                 assert committed <= after + 1.5 - figures["staleness_s"]
         assert billing["success_rate"] is not None
+        assert {"extract_s", "load_s", "errors_by_class"} <= billing["last_run"].keys()
+        assert prom.values("etl_status_runs_from == 1", "store") == {status["runs_from"]: 1}
         assert prom.values("etl_source_last_run_loaded_rows")["billing"] == summary.loaded
 
         overall = status["overall"]
@@ -270,33 +281,39 @@ def test_queue_depth_counts_every_priority_sub_list(env):
         client.flushdb()
 
 
-def test_a_scrape_answers_while_duckdb_is_held_or_redis_is_gone(env, tmp_path):
-    """With the DuckDB file held by another writer the scrape answers within its timeout with
-    etl_exporter_up 0 and the queue depths; once released the figures come back. With no
-    Redis at all it answers too."""
+def test_a_scrape_answers_while_duckdb_is_held_or_redis_hangs(env, tmp_path):
+    """With the DuckDB file held by another writer a scrape answers within its timeout with
+    the run figures from Redis, and from DuckDB once it is released. With a Redis that stopped
+    answering (SIGSTOP) scrapes still answer within the timeout, with etl_exporter_up 0."""
     store = tmp_path / "held.duckdb"
     holder = duckdb.connect(str(store))  # a writer: read-only opens wait for it
     exporter, url = _exporter({**env.env, "ETL_DUCKDB_PATH": str(store)},
-                              tmp_path / "exporter-held.log", timeout_s=2.0)
+                              tmp_path / "exporter-held.log", timeout_s=2.5)
     try:
         with exporter:
             held = _scrape(url)
-            assert held["etl_exporter_up"] == 0
-            assert held['etl_exporter_part_up{part="status"}'] == 0
-            assert held['etl_exporter_part_up{part="queues"}'] == 1
+            assert held["etl_exporter_up"] == 1
+            assert held['etl_status_runs_from{store="redis"}'] == 1
             assert 'etl_queue_depth{queue="load"}' in held
-            assert not any(k.startswith("etl_source_") for k in held)
             holder.close()
-            deadline = time.monotonic() + 30  # the read under way gets the file, then ends
-            while _scrape(url)["etl_exporter_up"] != 1:
-                assert time.monotonic() < deadline, "figures did not come back"
+            deadline = time.monotonic() + 30
+            while _scrape(url)['etl_status_runs_from{store="duckdb"}'] != 1:
+                assert time.monotonic() < deadline, "figures did not come from DuckDB again"
                 time.sleep(0.5)
     finally:
         holder.close()
-    gone = f"redis://127.0.0.1:{free_port()}/0"
-    exporter, url = _exporter({**env.env, "ETL_REDIS_URL": gone},
-                              tmp_path / "exporter-gone.log", timeout_s=2.0)
-    with exporter:
-        samples = _scrape(url)
-        assert samples["etl_exporter_up"] == 0
-        assert samples['etl_exporter_part_up{part="queues"}'] == 0
+    stalled = RedisServer(tmp_path / "redis", appendonly=False).start()
+    assert stalled.process is not None
+    exporter, url = _exporter({**env.env, "ETL_REDIS_URL": stalled.url},
+                              tmp_path / "exporter-stalled.log", timeout_s=2.5)
+    try:
+        with exporter:
+            stalled.process.send_signal(signal.SIGSTOP)
+            for _ in range(2):  # the second finds the first's reads still stuck
+                samples = _scrape(url)
+                assert samples["etl_exporter_up"] == 0
+                assert samples['etl_exporter_part_up{part="queues"}'] == 0
+                assert samples['etl_exporter_part_up{part="status"}'] == 0
+    finally:
+        stalled.process.send_signal(signal.SIGCONT)
+        stalled.stop()

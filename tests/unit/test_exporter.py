@@ -58,6 +58,8 @@ def test_figures_are_named_after_collect_keys_and_absent_when_unknown():
     assert samples["etl_workers_online[('queue', 'transform')]"] == 0
     assert samples["etl_open_alerts[('severity', 'info')]"] == 0
     assert samples["etl_open_alerts[('severity', 'critical')]"] == 1
+    assert samples["etl_status_runs_from[('store', 'duckdb')]"] == 1
+    assert samples["etl_status_runs_from[('store', 'redis')]"] == 0
 
 
 def test_figures_added_to_collect_later_are_exported_without_leaking_text():
