@@ -12,8 +12,8 @@ settings = get_settings()
 # Every Celery process (workers, their pool children, beat) logs through structlog.
 logs.hook_celery(settings.log_format)
 
-app = Celery("etl_tasks", broker=settings.redis_url, backend=settings.redis_url,
-             include=["etl_tasks.tasks"])
+# Its Redis (broker, result backend, beat's schedule and lock) is set by use_redis, below.
+app = Celery("etl_tasks", include=["etl_tasks.tasks"])
 
 # Longest wait before a message held by a dead worker is redelivered. It must exceed the hard
 # time limit and the longest retry countdown, or Redis re-delivers a task still running.
@@ -21,6 +21,11 @@ app = Celery("etl_tasks", broker=settings.redis_url, backend=settings.redis_url,
 VISIBILITY_TIMEOUT_S = max(2 * settings.task_time_limit_s, 3600)
 # extract/transform: the fleet; load: the single loader; control: the supervisor (both).
 QUEUES = ("extract", "transform", "load", "control")
+# Beat's keys (redbeat's layout): `etl:beat:<name>` per schedule entry, `etl:beat::schedule`
+# (due times), `etl:beat::statics` (the names installed from beat_schedule.py) and
+# `etl:beat::lock` (the leader: host:pid:token).
+BEAT_KEY_PREFIX = "etl:beat:"
+BEAT_LOOP_S = settings.beat_lock_timeout_s / 6
 
 app.conf.update(
     task_serializer="json",
@@ -50,6 +55,21 @@ app.conf.update(
     task_send_sent_event=True,
     task_track_started=True,
     timezone="UTC",
+    # Beat: any number of processes on any hosts, one leads (etl_tasks/scheduler.py: redbeat's
+    # schedule and leader lock in Redis, under the project's namespace).
+    beat_scheduler="etl_tasks.scheduler.LeaderScheduler",
+    redbeat_key_prefix=BEAT_KEY_PREFIX,
+    # The leader renews its lock every loop; another beat tries to take it once a loop. A lock
+    # of six loops (30 s and 5 s by default) outlives five missed renewals (a slow Redis call,
+    # cut short by the socket timeout below, a pause) before a second beat could lead, and a
+    # dead leader is replaced within lock + loop (35 s): sources' ticks are late by that at
+    # most, never lost (an overdue entry fires at the new leader's first loop), and the
+    # supervisor (every 10 s) resumes well inside the two minutes a crashed run may take.
+    # Celery's default loop (300 s) would give redbeat a 25-minute lock.
+    redbeat_lock_timeout=settings.beat_lock_timeout_s,
+    beat_max_loop_interval=BEAT_LOOP_S,
+    redbeat_redis_options={"socket_timeout": BEAT_LOOP_S,
+                           "socket_connect_timeout": BEAT_LOOP_S},
 )
 
 import beat_schedule  # noqa: E402 - the schedule needs the settings loaded above
@@ -58,6 +78,14 @@ app.conf.beat_schedule = beat_schedule.BEAT_SCHEDULE
 
 
 def use_redis(url: str) -> None:
-    """Point the already-built app at another Redis (the CLI after starting a local one)."""
+    """Point the app at a Redis: at import, the project's ETL_REDIS_URL; the CLI, another one
+    after starting it. The one place where that URL becomes Celery's and redbeat's settings."""
     app.conf.broker_url = url
     app.conf.result_backend = url
+    app.conf.redbeat_redis_url = url
+    # redbeat caches its settings and client on the app: forget them so they follow.
+    for cached in ("redbeat_conf", "redbeat_redis", "redbeat_sentinel"):
+        app.__dict__.pop(cached, None)
+
+
+use_redis(settings.redis_url)

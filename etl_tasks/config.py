@@ -107,6 +107,10 @@ class Settings(BaseSettings):
     health_check_every_s: float = Field(default=60.0, gt=0)
     """How often beat checks every source's staleness and every run for being stuck (no
     progress for ETL_STALL_S), even when nothing runs."""
+    beat_lock_timeout_s: int = Field(default=30, ge=6)
+    """Beat's leader lock in Redis (any number of beat processes, one leads and sends): the
+    leader renews it every loop, a sixth of this; when the leader dies another beat takes
+    over within this plus one loop."""
     staging_keys: SecretStr | None = None
     """AES-GCM keys sealing the staged payloads (patient rows) in Redis: comma-separated
     base64 of 32 bytes (`etl staging-key` makes one); the first seals, all open (rotation).

@@ -1,8 +1,10 @@
-"""The scheduler: exactly one. It runs the sources on their schedules and the supervisor.
+"""The scheduler: one or more, on any hosts; one leads. It runs the sources on their
+schedules and the supervisor.
 
     python -m workers.beat
 
-is exactly `celery -A etl_tasks beat` with its schedule file in ETL_DATA_DIR.
+is exactly `celery -A etl_tasks beat`: the app's scheduler keeps the schedule and a leader lock
+in Redis (etl_tasks/scheduler.py), so it needs no schedule file, and a second beat stands by.
 """
 
 from __future__ import annotations
@@ -16,9 +18,8 @@ from etl_tasks.monitoring import logs
 
 def main(extra: list[str] | None = None) -> None:
     settings = get_settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
     argv = [*logs.celery_options(settings.log_format),  # JSON logs: no banner
-            "beat", "--loglevel", "INFO", "-s", str(settings.data_dir / "celerybeat-schedule")]
+            "beat", "--loglevel", "INFO"]
     app.start(argv + (sys.argv[1:] if extra is None else extra))
 
 
