@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 import time
@@ -477,7 +478,12 @@ def _missing_consumers(timeout: float = 1.5) -> list[str]:
 
 
 def main() -> None:
+    from etl_tasks.monitoring import logs
+
     try:
+        # Warnings and errors of the libraries go to stderr as structured lines; the
+        # command's own output (tables, JSON) stays on stdout and the console.
+        logs.setup(_settings().log_format, logging.WARNING)
         cli()
     except EtlError as exc:
         err.print(f"[red]error:[/red] {exc}")

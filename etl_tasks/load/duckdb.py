@@ -348,8 +348,12 @@ def classify(exc: BaseException) -> EtlError:
     if isinstance(exc, duckdb.IOException | duckdb.TransactionException):
         return TransientError(f"DuckDB unavailable ({type(exc).__name__}: "
                               f"{str(exc).splitlines()[0]}); will retry", source="duckdb")
-    return FatalError(f"DuckDB error {type(exc).__name__}: {str(exc).splitlines()[0]}",
-                      source="duckdb")
+    if isinstance(exc, duckdb.CatalogException):  # a missing table or column: names only
+        return FatalError(f"DuckDB error {type(exc).__name__}: {str(exc).splitlines()[0]}",
+                          source="duckdb")
+    # A constraint or conversion error quotes the row's value ('Duplicate key "mrn: ..."').
+    return FatalError(f"DuckDB error {type(exc).__name__} (its message is withheld: it may "
+                      "quote a value)", source="duckdb")
 
 
 def _rollback_quietly(con: duckdb.DuckDBPyConnection) -> None:

@@ -387,4 +387,4 @@ def classify(exc: BaseException, where: str = "") -> EtlError:
     code = getattr(exc, "sqlcode", None)
     return FatalError(f"Firebird error {type(exc).__name__}{at}"
                       + (f", SQL code {code}" if code else "")
-                      + "; details in the worker log", source="firebird")
+                      + " (its message is withheld: it may quote a value)", source="firebird")
