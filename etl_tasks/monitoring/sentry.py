@@ -15,11 +15,19 @@ import sentry_sdk
 from sentry_sdk.integrations.celery import CeleryIntegration
 
 from etl_tasks.config import Settings
-from etl_tasks.errors import DataQualityError, EtlError, FatalError, SourceFileError, TransientError
+from etl_tasks.errors import (
+    DataQualityError,
+    EtlError,
+    FatalError,
+    SourceFileError,
+    TransientError,
+    Unexpected,
+)
 
 # Exception types whose messages are safe to send (the error tree in errors.py).
 SAFE_TYPES = frozenset(cls.__name__ for cls in (EtlError, TransientError, FatalError,
-                                                SourceFileError, DataQualityError)) | {
+                                                SourceFileError, DataQualityError,
+                                                Unexpected)) | {
     "CircuitOpen", "StagingLost", "RunStalled"}
 
 

@@ -22,3 +22,12 @@ def test_a_library_exception_keeps_its_type_and_loses_its_message():
     first, second = scrubbed["exception"]["values"]
     assert (first["type"], first["value"]) == ("ArrowInvalid", "")
     assert second["value"] == "[billing] table BILLING_CLAIMS does not exist"
+
+
+def test_our_stand_in_for_a_library_error_keeps_its_message():
+    """`Unexpected` (what Celery logs for an unclassified exception) names the type and the
+    task, never the library's message, so its message is sent."""
+    event = {"exception": {"values": [
+        {"type": "Unexpected", "value": "ValueError in etl.plan.run_source (its message is "
+                                        "withheld: it may quote a value; ...)"}]}}
+    assert scrub(event)["exception"]["values"][0]["value"].startswith("ValueError in etl.plan")
