@@ -1,1 +1,2 @@
-"""Monitoring: alerts for on-call people (and, later, metrics and thresholds)."""
+"""Monitoring: alerts and thresholds for on-call people, Sentry, the Prometheus exporter and
+the HTML report."""
