@@ -9,10 +9,11 @@ import sys
 import time
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -345,19 +346,129 @@ def quarantine_purge(
     """Drop the raw values (patient data) of quarantined rows older than N days. The rows, the
     broken rules and the source pointers stay, so reconciliation still adds up. Runs on the
     loader (the only writer of the store); beat also runs it every 6 hours."""
-    from celery.exceptions import TimeoutError as NoAnswer
-
     from etl_tasks.tasks import purge_quarantine_raw_task
 
     days = None if older_than < 0 else older_than
-    result = purge_quarantine_raw_task.apply_async((days,))
-    try:
-        purged = result.get(timeout=timeout)
-    except NoAnswer:
-        err.print(f"[red]the loader did not answer within {timeout:.0f}s; is "
-                  "`python -m workers.loader` running?[/red]")
-        raise typer.Exit(2) from None
+    purged = _loader_answer(purge_quarantine_raw_task.apply_async((days,)), timeout, "purge")
     out.print(f"raw values dropped from {purged:,} quarantined row(s)")
+
+
+def _loader_answer(result: Any, timeout: float, what: str) -> Any:
+    """The loader's answer to a task sent to the `load` queue, or exit 2 saying why none came
+    within `timeout` (nothing is lost: a queued or retrying task still runs later)."""
+    from celery.exceptions import TimeoutError as NoAnswer
+
+    try:
+        answer = result.get(timeout=timeout, propagate=False)
+    except NoAnswer:
+        state = result.state
+        if state == "RETRY":
+            why = ("DuckDB is unavailable (another process holds it?); the loader retries "
+                   f"the {what} with backoff and does it once DuckDB is free")
+        elif state == "STARTED":
+            why = f"the loader is still at the {what}; it finishes on its own"
+        else:
+            why = (f"no loader took the {what}: is `python -m workers.loader` running? It "
+                   "stays queued and runs when a loader starts")
+        err.print(f"[red]no answer from the loader within {timeout:.0f}s: {why}[/red]")
+        raise typer.Exit(2) from None
+    if result.failed():
+        # Only our own errors are shown with their text: they never quote a value.
+        reason = str(answer) if isinstance(answer, EtlError) else (
+            f"{type(answer).__name__} (details in the loader's log)")
+        err.print(f"[red]the {what} failed on the loader: {escape(reason)}[/red]")
+        raise typer.Exit(2)
+    return answer
+
+
+@quarantine_cli.command("list")
+def quarantine_list(
+    source: Annotated[str | None, typer.Option(help="Only this source.")] = None,
+    run: Annotated[str | None, typer.Option(help="Only rows quarantined by this run.")] = None,
+    limit: Annotated[int, typer.Option(help="Rows to list (newest first).", min=0)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print as JSON.")] = False,
+    wait: Annotated[float, typer.Option(
+        help="Seconds to wait while the loader holds the store for a commit.")] = 30.0,
+) -> None:
+    """Quarantined rows: first a count per broken rule and source, then the newest rows with
+    their rules, failed fields, source pointer, run, chunk and time. Values are never shown
+    (they are patient data); whether a row's raw values are still kept is."""
+    from etl_tasks.errors import TransientError
+    from etl_tasks.load import duckdb as store
+    from etl_tasks.load import quarantine
+
+    path = _settings().duckdb_path
+    try:
+        with store.read_only(path, wait) as con:
+            held = quarantine.has_table(con)
+            summary = quarantine.summary(con, source, run) if held else {}
+            rows = quarantine.rows(con, source, run, limit) if held else []
+    except TransientError:
+        err.print(f"[red]error:[/red] the DuckDB store {path} is busy: its writer (the loader) "
+                  f"held it for more than {wait:.0f}s. Retry in a moment, or pass a longer "
+                  "--wait.")
+        raise typer.Exit(2) from None
+    total = sum(figures["rows"] for figures in summary.values())
+    if as_json:
+        print(json.dumps({"summary": summary, "total": total, "rows": rows}, indent=2))
+        return
+    if not summary:
+        out.print("No quarantined rows.")
+        return
+    counts = Table(title="Quarantined rows by rule")
+    for col in ("source", "rule", "rows"):
+        counts.add_column(col, justify="right" if col == "rows" else "left")
+    for name, figures in summary.items():
+        for rule, n in figures["by_reason"].items():
+            counts.add_row(name, escape(rule), f"{n:,}")
+        counts.add_row(name, f"(all; raw values purged: {figures['raw_purged']:,})",
+                       f"{figures['rows']:,}", end_section=True)
+    out.print(counts)
+    listed = Table(title=f"Newest {len(rows):,} of {total:,} (--limit)")
+    for col in ("quarantined", "source", "pointer", "failed fields", "rules", "run", "chunk"):
+        listed.add_column(col)
+    for row in rows:
+        listed.add_row(datetime.fromtimestamp(row["quarantined_at"]).strftime("%Y-%m-%d %H:%M"),
+                       row["source"], escape(row["source_ref"]), ", ".join(row["fields"]),
+                       escape("; ".join(row["reasons"])), row["run_id"], escape(row["chunk_id"]))
+    out.print(listed)
+
+
+@quarantine_cli.command("replay")
+def quarantine_replay(
+    source: Annotated[str | None, typer.Option(help="Only this source (default: all).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the counts as JSON.")] = False,
+    timeout: Annotated[float, typer.Option(help="Seconds to wait for the loader.")] = 300.0,
+) -> None:
+    """Validate quarantined rows again by the current rules (after a rule or source fix) and
+    load those that pass, exactly once: upserted like any chunk, removed from quarantine and
+    recorded in the ledger in one transaction, on the loader. Rows that still fail stay with
+    their current rules; rows whose raw values were purged cannot be replayed (counted)."""
+    from etl_tasks.resources import get_resources
+    from etl_tasks.tasks import replay_quarantine_task
+
+    if source:
+        get_resources().pipeline.source(source)  # an unknown name fails here, not on the loader
+    missing = _missing_consumers(queues=("load",))
+    if missing:
+        for message in missing:
+            err.print(f"[red]{message}[/red]", soft_wrap=True)
+        err.print("[red]nothing enqueued[/red]")
+        raise typer.Exit(2)
+    counts = _loader_answer(replay_quarantine_task.apply_async((source,)), timeout, "replay")
+    if as_json:
+        print(json.dumps(counts, indent=2))
+        return
+    table = Table(title="Quarantine replay")
+    columns = {"examined": "examined", "loaded": "loaded", "unchanged": "already stored",
+               "still_quarantined": "still quarantined", "reasons_refreshed": "rules changed",
+               "purged": "purged (not replayable)"}
+    table.add_column("source")
+    for title in columns.values():
+        table.add_column(title, justify="right")
+    for name, figures in counts.items():
+        table.add_row(name, *(f"{figures[key]:,}" for key in columns))
+    out.print(table)
 
 
 @cli.command()
@@ -461,19 +572,24 @@ _QUEUE_WORKERS = {"extract": "python -m workers.fleet", "transform": "python -m 
                   "load": "python -m workers.loader"}
 
 
-def _missing_consumers(timeout: float = 1.5) -> list[str]:
-    """What to tell the operator about each queue a run needs that no worker consumes."""
+def _missing_consumers(timeout: float = 1.5,
+                       queues: tuple[str, ...] = tuple(_QUEUE_WORKERS)) -> list[str]:
+    """What to tell the operator about each of `queues` (default: those a run needs) that no
+    worker consumes."""
     from etl_tasks.celery import app
     from etl_tasks.status import workers_by_queue
 
     consumed = workers_by_queue(app.control, timeout=timeout)
+    # A run needs every role, beat's supervisor too; a lone loader task needs the loader.
+    needed = {_QUEUE_WORKERS[q] for q in queues} | (
+        {"python -m workers.beat"} if len(queues) > 1 else set())
     messages = []
-    for queue, command in _QUEUE_WORKERS.items():
+    for queue in queues:
+        command = _QUEUE_WORKERS[queue]
         if not consumed.get(queue):
-            others = sorted({c for c in _QUEUE_WORKERS.values() if c != command}
-                            | {"python -m workers.beat"})
-            messages.append(f"no worker consumes the {queue} queue: start `{command}` (and "
-                            + ", ".join(f"`{o}`" for o in others) + ")")
+            others = sorted(needed - {command})
+            also = (" (and " + ", ".join(f"`{o}`" for o in others) + ")") if others else ""
+            messages.append(f"no worker consumes the {queue} queue: start `{command}`{also}")
     return messages
 
 
@@ -486,7 +602,9 @@ def main() -> None:
         logs.setup(_settings().log_format, logging.WARNING)
         cli()
     except EtlError as exc:
-        err.print(f"[red]error:[/red] {exc}")
+        # escape: the message starts with its source in brackets ("[duckdb] ..."), which rich
+        # would otherwise take for markup and drop.
+        err.print(f"[red]error:[/red] {escape(str(exc))}")
         sys.exit(2)
 
 
