@@ -351,7 +351,7 @@ def _flower_workers(port: int) -> bool:
                                   "ops:secret"))
     except OSError:
         return False
-    return any(w.startswith("loader@") for w in workers)
+    return any(w.startswith("loader") for w in workers)
 
 
 def _stored_rows(stack: FaultStack) -> dict[str, list[Any]]:

@@ -15,12 +15,13 @@ from base64 import b64encode
 import pytest
 
 from etl_tasks.api import run_source
-from etl_tasks.celery import app
+from etl_tasks.celery import BEAT_KEY_PREFIX, app
 from etl_tasks.demo_data import generate_claims
 from etl_tasks.local_services import free_port
 from etl_tasks.resources import get_resources
 from etl_tasks.runs import state as runs
 from tests.integration.conftest import PIPELINE
+from tests.integration.fault_stack import wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -31,14 +32,16 @@ def _claims_max(stack):
 
 
 def test_beat_runs_the_schedule_from_the_pipeline_config(env, tmp_path):
-    """`celery -A etl_tasks beat` with a 2-second schedule really enqueues runs that finish."""
+    """`celery -A etl_tasks beat` with a 2-second schedule really enqueues runs that finish;
+    the session's beat, started again with its own config, removes that schedule."""
     config = tmp_path / "pipeline.toml"
     config.write_text(PIPELINE.format(billing_schedule=2))
     r = get_resources().redis
     before = set(r.lrange("etl:runs:billing", 0, -1))
+    # The schedule lives in Redis and one beat leads: the session's beat hands over.
+    env.workers["beat"].stop()
     beat = subprocess.Popen(
-        [sys.executable, "-m", "celery", "-A", "etl_tasks", "beat", "--loglevel", "INFO",
-         "-s", str(tmp_path / "beat-schedule")],
+        [sys.executable, "-m", "celery", "-A", "etl_tasks", "beat", "--loglevel", "INFO"],
         env={**env.env, "ETL_PIPELINE_CONFIG": str(config)}, cwd=tmp_path,
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -52,7 +55,10 @@ def test_beat_runs_the_schedule_from_the_pipeline_config(env, tmp_path):
     finally:
         beat.terminate()
         beat.wait(timeout=30)
+        env.start_worker("beat")  # the session's config again: billing manual
     assert len(finished) >= 2, "beat did not run billing twice within a minute"
+    wait_until(lambda: not r.exists(f"{BEAT_KEY_PREFIX}run-billing"), 30,
+               "the session's beat to remove billing's 2-second schedule")
 
 
 def test_python_shell_one_liner_runs_a_source(env):
