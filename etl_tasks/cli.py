@@ -544,6 +544,15 @@ def _status_table(status: dict) -> None:  # type: ignore[type-arg]
         if counts["rows"] or counts["chunks"]:
             out.print(f"{fallback}: {counts['chunks']:,} chunk(s), {counts['rows']:,} row(s) "
                       "waiting for the replay")
+    if status.get("runs_from") == "redis":
+        out.print("[yellow]DuckDB is held by another process: run figures come from the run "
+                  "records in Redis[/yellow]")
+    colour = {"critical": "red", "warning": "yellow", "info": "blue"}
+    for alert in status["open_alerts"]:
+        out.print(f"[{colour[alert['severity']]}]ALERT {alert['severity']}[/]: "
+                  f"{escape(alert['message'])}")
+    if not status["open_alerts"]:
+        out.print("open alerts: none")
 
 
 @cli.command()
@@ -552,8 +561,10 @@ def status(
     last: Annotated[int, typer.Option(help="Runs per source to look at.", min=1)] = 20,
 ) -> None:
     """The pipeline's health over the last N runs, overall and per source: success rate,
-    average duration, quality trend, error patterns, last run, staleness, dead letters, rows
-    waiting in the fallbacks, and the workers online per queue."""
+    average duration, quality trend, error patterns, last run (with its time per stage,
+    source latency and errors by class), staleness, open alerts, dead letters, rows waiting
+    in the fallbacks, and the workers online per queue. Thresholds are set in the pipeline
+    config (`[thresholds]`, docs/configuration.md)."""
     from etl_tasks.celery import app
     from etl_tasks.resources import get_resources
     from etl_tasks.status import collect
@@ -565,6 +576,34 @@ def status(
         print(json.dumps(figures, indent=2, default=str))
         return
     _status_table(figures)
+
+
+@cli.command()
+def report(
+    html: Annotated[Path, typer.Option("--html", help="Write the page to this file.",
+                                       dir_okay=False)],
+    last: Annotated[int, typer.Option(help="Runs per source to chart.", min=1)] = 50,
+    source: Annotated[list[str] | None, typer.Option(
+        "--source", help="Only this source (repeatable).")] = None,
+    wait: Annotated[float, typer.Option(
+        help="Seconds to wait while the loader holds the store for a commit.")] = 30.0,
+) -> None:
+    """Write one self-contained HTML page (no script, nothing fetched) charting the last runs
+    per source: rows loaded and quarantined, quality, durations, time per stage, quarantine
+    reasons; and a table of the last runs. Aggregates only: no row values."""
+    from etl_tasks.errors import TransientError
+    from etl_tasks.monitoring import report as page
+
+    store_path = _settings().duckdb_path
+    try:
+        data = page.read(store_path, last, source or [], wait)
+    except TransientError:
+        err.print(f"[red]error:[/red] the DuckDB store {escape(str(store_path))} is busy: its "
+                  f"writer (the loader) held it for more than {wait:.0f}s. Retry in a moment.")
+        raise typer.Exit(2) from None
+    page.write(html, page.render(data))
+    out.print(f"report written to {escape(str(html))}: {len(data.runs):,} runs of "
+              f"{len(data.sources)} source(s)")
 
 
 # Which worker consumes each queue a run needs, and how to start it.
