@@ -93,7 +93,7 @@ def measure(args: argparse.Namespace, root: Path, window: int) -> dict[str, Any]
     try:
         for worker in workers:
             worker.start()
-        wait_for_workers(app.control, ["fleet-", "loader@"])
+        wait_for_workers(app.control, ["fleet-", "loader-"])
         before = int(r.info("memory")["used_memory"])
         handle = run_source("billing")
         peak = peak_chunks = peak_staged = largest = peak_other = 0

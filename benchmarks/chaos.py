@@ -12,7 +12,8 @@ worker logs in `logs/`, redis' folder and `chaos.log`, the timeline of what it d
 - a redis-server on a free port with its append-only file on (`local_services.RedisServer`);
 - an embedded Firebird demo database with `--claims` claims (`make_billing_db`);
 - a pipeline config with only `billing` (chunk_size 5,000, `schedule` 5 s: beat runs it),
-  ETL_OVERDUE_S=10 and ETL_SUPERVISE_EVERY_S=2;
+  ETL_OVERDUE_S=10 and ETL_SUPERVISE_EVERY_S=2, ETL_WRITER_LEASE_S=10 (a loader restarted after
+  kill -9 waits for its predecessor's writer lease to lapse);
 - the fleet (`--concurrency 2`), the loader and beat as real processes (`local_services.Worker`).
 
 For `--minutes` a feeder thread adds 1,000 to 4,000 claims every 2 to 5 s and updates 20 to
@@ -374,6 +375,7 @@ def build(args: argparse.Namespace, root: Path) -> World:
         "ETL_STAGE_TTL_S": "3600",
         "ETL_OVERDUE_S": "10",
         "ETL_SUPERVISE_EVERY_S": "2",
+        "ETL_WRITER_LEASE_S": "10",
     }
     from etl_tasks.local_services import RedisServer
 
@@ -405,7 +407,7 @@ def start(world: World) -> None:
                   f"database {world.env['ETL_FIREBIRD_DSN']}")
         for role in ("fleet", "loader", "beat"):
             world.start_worker(role)
-        wait_for_workers(app.control, [f"fleet-{world.workers['fleet'].pid}@", "loader@"],
+        wait_for_workers(app.control, [f"fleet-{world.workers['fleet'].pid}@", "loader-"],
                          timeout=120)
     except FatalError as exc:
         raise ChaosError(f"{exc}; see {world.root / 'logs'}") from exc

@@ -74,7 +74,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         for role, extra in (("fleet", ["--concurrency", str(os.cpu_count() or 2)]),
                             ("loader", []), ("beat", [])):
             workers.append(Worker(role, env, root / "logs" / f"{role}.log", extra).start())
-        wait_for_workers(app.control, ["fleet-", "loader@"])
+        wait_for_workers(app.control, ["fleet-", "loader-"])
         started = time.perf_counter()
         handle = run_source("billing")
         while handle.progress()["status"] not in ("running", "finished", "failed"):

@@ -283,7 +283,7 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         workers.append(Worker("fleet", env, root / "logs" / "fleet.log",
                               ["--concurrency", str(args.fleet)]).start())
         workers.append(Worker("loader", env, root / "logs" / "loader.log").start())
-        wait_for_workers(app.control, ["fleet-", "loader@"])
+        wait_for_workers(app.control, ["fleet-", "loader-"])
         worker_start_s = time.perf_counter() - t0
 
         # Worker start-up is over: sample memory while the run goes (the workers started

@@ -506,7 +506,7 @@ def demo(
                             ("beat", [])):
             started.append(Worker(role, env, logs / f"{role}.log", extra).start())
         with err.status("Starting the worker fleet, the loader and beat"):
-            wait_for_workers(app.control, ["fleet-", "loader@"])
+            wait_for_workers(app.control, ["fleet-", "loader-"])
         err.print(f"Workers up (logs in {logs}); running every source")
         from etl_tasks.api import run_source
         from etl_tasks.resources import get_resources

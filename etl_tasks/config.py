@@ -74,6 +74,10 @@ class Settings(BaseSettings):
     run_lease_s: int = Field(default=600, ge=10)
     """A source has at most one run in flight: a lease renewed while the run makes progress,
     released when it ends; it frees itself after this long without progress."""
+    writer_lease_s: float = Field(default=30.0, ge=1)
+    """One loader writes (the others stand by): it holds a lease in Redis, renewed every third
+    of this; a standby takes over within about this long after the writer died or froze, and
+    a writer frozen longer than this cannot commit when it wakes (load/fence.py)."""
     task_time_limit_s: int = Field(default=900, ge=10)
     """Hard time limit of any task; the broker's visibility timeout is set well above it."""
     overdue_s: float = Field(default=60.0, gt=0)

@@ -6,6 +6,7 @@ EtlError
  ├─ FatalError         retrying cannot help: bad config, auth, missing table, corrupt file
  │   ├─ SourceFileError    one input file is unreadable or hostile; it is quarantined whole
  │   └─ Unexpected         an exception no boundary classified, kept by its type only
+ ├─ FencedOut          this loader is not the single writer (any more): its write was refused
  └─ DataQualityError   data broke a schema: quarantine and report, never retry
 
 Messages name the source (and file) and say what to do next. They never carry patient values.
@@ -51,6 +52,13 @@ class SourceFileError(FatalError):
         self.path = path
         self.reason = reason
         super().__init__(f"{path}: {reason}", source=source)
+
+
+class FencedOut(EtlError):
+    """This process does not hold the writer lease (or no longer does): the transaction it
+    was about to commit is rolled back and its message goes back to the `load` queue for the
+    writer. Not a failure of the work (no attempt is counted), and never a reason to step
+    down to a fallback store: a stale writer must not write those either."""
 
 
 class DataQualityError(EtlError):

@@ -26,11 +26,12 @@ from celery.exceptions import Retry
 from celery.signals import celeryd_init, worker_process_init
 from structlog.contextvars import bind_contextvars
 
-from etl_tasks import checkpoints, pipeline
+from etl_tasks import checkpoints, pipeline, single_writer
 from etl_tasks.celery import app
-from etl_tasks.errors import DataQualityError, TransientError, safe_reason, sanitized
+from etl_tasks.errors import DataQualityError, FencedOut, TransientError, safe_reason, sanitized
 from etl_tasks.load import duckdb as store
 from etl_tasks.load import quarantine, replay
+from etl_tasks.load.fence import WriterFence
 from etl_tasks.load.writer import StoreChain
 from etl_tasks.monitoring import alerts, health, logs, webhook
 from etl_tasks.monitoring.sentry import init_sentry
@@ -41,6 +42,7 @@ from etl_tasks.runs.plan import plan_run
 
 log = logging.getLogger(__name__)
 REBUILD_PENDING = "etl:rebuild:pending"
+HAND_OVER_S = 1.0  # a fenced-out loader's message is sent back for the writer after this
 
 
 class EtlTask(Task):  # type: ignore[misc]
@@ -69,7 +71,11 @@ class EtlTask(Task):  # type: ignore[misc]
 
     def _call(self, *args: Any, **kwargs: Any) -> Any:
         if self.stage is None:
-            return super().__call__(*args, **kwargs)
+            try:
+                return super().__call__(*args, **kwargs)
+            except FencedOut as exc:
+                # Back to the queue for the writer; Celery's retry keeps a chain's next step.
+                raise self.retry(exc=exc, countdown=HAND_OVER_S) from None
         run_id, item = args
         res = get_resources()
         r, stage = res.redis, self.stage
@@ -93,6 +99,10 @@ class EtlTask(Task):  # type: ignore[misc]
             state.note_error(r, run_id, type(exc.exc or exc).__name__)
             items.forgive(r, run_id, stage, item, _eta(exc.when))
             raise
+        except FencedOut as exc:
+            # This loader is not the writer and wrote nothing: no attempt of the work.
+            items.forgive(r, run_id, stage, item, time.time() + HAND_OVER_S)
+            raise self.retry(exc=exc, countdown=HAND_OVER_S) from None
         except Exception as exc:  # every failure is counted, then handled
             state.note_stage_time(r, run_id, stage, time.monotonic() - began)
             state.note_error(r, run_id, type(exc).__name__)
@@ -203,20 +213,23 @@ def _eta(when: Any) -> float:
 
 
 @contextmanager
-def _duckdb() -> Iterator[duckdb.DuckDBPyConnection]:
-    """The loader's DuckDB connection for one task. Closing it between tasks frees the file
-    for readers (DuckDB lets one process write, and no other open it meanwhile)."""
+def _duckdb() -> Iterator[tuple[duckdb.DuckDBPyConnection, WriterFence]]:
+    """The loader's DuckDB connection for one task, with its writer fence. Closing it between
+    tasks frees the file for readers (DuckDB lets one process write, and no other open it
+    meanwhile)."""
+    fence = single_writer.fence()  # refused before opening the file unless this loader writes
     con = store.connect(get_resources().settings.duckdb_path)
     try:
-        yield con
+        yield con, fence
     finally:
         con.close()
 
 
 def _stores() -> StoreChain:
-    """The loader's stores for one task: DuckDB, else SQLite, else the spool."""
+    """The loader's stores for one task: DuckDB, else SQLite, else the spool; every write
+    sealed with its writer fence (refused at once unless this loader holds the lease)."""
     res = get_resources()
-    return StoreChain(res.settings, res.redis)
+    return StoreChain(res.settings, res.redis, single_writer.fence())
 
 
 @worker_process_init.connect
@@ -294,8 +307,8 @@ def finalize_task(run_id: str) -> str | None:
 @app.task(base=EtlTask, name="etl.load.rebuild_state")
 def rebuild_state() -> dict[str, int]:
     """Rebuild checkpoints from the ledger after Redis lost its data; returns key marks."""
-    with _duckdb() as con:
-        marks = recovery.rebuild_state(get_resources(), con)
+    with _duckdb() as (con, fence):
+        marks = recovery.rebuild_state(get_resources(), con, fence)
     get_resources().redis.delete(REBUILD_PENDING)
     return marks
 
@@ -314,7 +327,7 @@ def purge_quarantine_raw_task(older_than_days: float | None = None) -> int:
     """Drop raw values of quarantined rows past their retention; returns rows purged."""
     days = get_resources().settings.quarantine_raw_days if older_than_days is None else (
         older_than_days)
-    with _duckdb() as con:
+    with _duckdb() as (con, fence), store.transaction(con, fence):
         return store.purge_quarantine_raw(con, days)
 
 
@@ -325,9 +338,10 @@ def replay_quarantine_task(source: str | None = None) -> dict[str, dict[str, int
     the task is retried with backoff, never written to a fallback store."""
     res = get_resources()
     chosen = [res.pipeline.source(source)] if source else res.pipeline.sources
-    with _duckdb() as con:
+    with _duckdb() as (con, fence):
         return {src.name: quarantine.replay(con, source=src.name, dataset=src.dataset,
-                                            table=src.table).public() for src in chosen}
+                                            table=src.table, fence=fence).public()
+                for src in chosen}
 
 
 @app.task(base=EtlTask, name="etl.control.notify", max_retries=10)

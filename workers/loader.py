@@ -1,12 +1,16 @@
-"""The single loader: the only process that writes DuckDB. Run exactly one.
+"""The single loader: the only process that writes DuckDB (and its fallbacks).
 
     python -m workers.loader
 
-is exactly `celery -A etl_tasks worker -Q load,control --concurrency 1`.
+is exactly `celery -A etl_tasks worker -Q load,control --concurrency 1`. One loader writes,
+holding the writer lease; any other started beside it (on purpose or by mistake) stands by,
+consuming only `control`, and takes over when the writer dies (etl_tasks/single_writer.py).
+Each names itself after its pid, so two can run on one host.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import sys
 
@@ -15,7 +19,7 @@ from etl_tasks.config import get_settings
 from etl_tasks.monitoring import logs
 
 ARGV = ["worker", "-Q", "load,control", "--concurrency", "1", "-n",
-        f"loader@{socket.gethostname()}", "--loglevel", "INFO"]
+        f"loader-{os.getpid()}@{socket.gethostname()}", "--loglevel", "INFO"]
 
 
 def main(extra: list[str] | None = None) -> None:

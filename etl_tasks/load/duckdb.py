@@ -20,6 +20,8 @@ import duckdb
 import pyarrow as pa
 
 from etl_tasks.errors import EtlError, FatalError, TransientError
+from etl_tasks.load import fence as fencing
+from etl_tasks.load.fence import WriterFence
 
 
 @dataclass(frozen=True)
@@ -73,6 +75,10 @@ _DDL = [
         path VARCHAR, sha256 VARCHAR, pointer VARCHAR NOT NULL, reason VARCHAR NOT NULL,
         attempts INTEGER NOT NULL, status VARCHAR NOT NULL, created_at TIMESTAMPTZ NOT NULL,
         resolved_at TIMESTAMPTZ, resolved_by VARCHAR)""",
+    # The single writer (load/fence.py): the highest writer token that committed here, and
+    # the token each chunk was committed with.
+    fencing.TABLE_DDL,
+    "ALTER TABLE etl_load_ledger ADD COLUMN IF NOT EXISTS writer_fence BIGINT",
 ]
 _DEAD_LETTER_COLUMNS = ("dead_letter_id", "run_id", "source", "stage", "item", "unit_id", "kind",
                         "key_lo", "key_hi", "since", "until", "path", "sha256", "pointer",
@@ -164,11 +170,13 @@ def ensure_table(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) 
 def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, dataset: str,
                 entry: LedgerEntry, valid: pa.Table, quarantined: pa.Table,
                 fault: Callable[[str], None] = lambda _: None,
-                also: Callable[[duckdb.DuckDBPyConnection], None] = lambda _: None) -> WriteResult:
+                also: Callable[[duckdb.DuckDBPyConnection], None] = lambda _: None,
+                fence: WriterFence | None = None) -> WriteResult:
     """Commit one chunk atomically, or do nothing when its ledger row already exists.
 
     `fault` is called at the `before_commit` and `after_commit` windows (fault points);
-    `also` runs in the chunk's transaction (the quarantine replay releases its rows there).
+    `also` runs in the chunk's transaction (the quarantine replay releases its rows there);
+    `fence` (the loader's; None only outside workers) is sealed right before the COMMIT.
     """
     key = KEYS[dataset]
     run_id, chunk_id = entry.run_id, entry.chunk_id
@@ -202,13 +210,17 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
         unchanged = valid.num_rows - loaded + quarantined.num_rows - held_count
         con.execute("INSERT INTO etl_load_ledger (run_id, chunk_id, source, target_table, "
                     "rows_loaded, rows_quarantined, rows_unchanged, unit_id, kind, key_lo, "
-                    "key_hi, file_sha256, unit_chunks, source_version, loaded_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                    "key_hi, file_sha256, unit_chunks, source_version, writer_fence, loaded_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
                     [run_id, chunk_id, source, table, loaded, held_count, unchanged,
                      entry.unit_id, entry.kind, entry.key_lo, entry.key_hi, entry.file_sha256,
-                     entry.unit_chunks, entry.source_version])
+                     entry.unit_chunks, entry.source_version, fence.token if fence else None])
         also(con)
         fault("before_commit")
+        # After the fault point: a loader held there (paused) and resumed after another took
+        # over is refused here, with everything above rolled back.
+        if fence is not None:
+            fence.seal(con)
         con.commit()
         fault("after_commit")
     except Exception as exc:
@@ -218,6 +230,22 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
         for name in ("incoming", "incoming_q"):
             _unregister_quietly(con, name)
     return WriteResult(loaded, held_count, already_loaded=False, unchanged=unchanged)
+
+
+@contextlib.contextmanager
+def transaction(con: duckdb.DuckDBPyConnection,
+                fence: WriterFence | None) -> Iterator[duckdb.DuckDBPyConnection]:
+    """One fenced transaction around writes that have none of their own (run records, dead
+    letters, purges): sealed before its COMMIT, rolled back on any error."""
+    try:
+        con.begin()
+        yield con
+        if fence is not None:
+            fence.seal(con)
+        con.commit()
+    except Exception as exc:
+        _rollback_quietly(con)
+        raise classify(exc) from exc
 
 
 def ledger_counts(con: duckdb.DuckDBPyConnection, run_id: str,

@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from etl_tasks.errors import FatalError
 from etl_tasks.load import duckdb as store
+from etl_tasks.load.fence import WriterFence
 from etl_tasks.transform import QUARANTINE_SCHEMA, Dataset, restage_quarantined, transform_chunk
 
 log = logging.getLogger(__name__)
@@ -117,11 +118,12 @@ class ReplayCounts:
         return asdict(self)
 
 
-def replay(con: duckdb.DuckDBPyConnection, *, source: str, dataset: str,
-           table: str) -> ReplayCounts:
+def replay(con: duckdb.DuckDBPyConnection, *, source: str, dataset: str, table: str,
+           fence: WriterFence | None = None) -> ReplayCounts:
     """Validate `source`'s quarantined rows again against the current rules and load those
     that pass into `table`, one chunk per chunk the rows were quarantined from, in the order
-    those were committed (so the upsert's newer-version rule sees them in order)."""
+    those were committed (so the upsert's newer-version rule sees them in order). Each
+    transaction is sealed with `fence`, the loader's (load/fence.py)."""
     counts = ReplayCounts()
     [(counts.purged,)] = con.execute("SELECT count(*) FROM etl_quarantine WHERE source = ? "
                                      "AND raw IS NULL", [source]).fetchall()
@@ -138,14 +140,14 @@ def replay(con: duckdb.DuckDBPyConnection, *, source: str, dataset: str,
             [source, run_id, chunk_id]).fetchall()
         for _, batch in itertools.groupby(held, key=lambda row: row[3]):
             _replay_batch(con, counts, source, cast("Dataset", dataset), table, run_id, chunk_id,
-                          [row[:3] for row in batch])
+                          [row[:3] for row in batch], fence)
     log.info("quarantine replay of %s: %s", source, counts.public())
     return counts
 
 
 def _replay_batch(con: duckdb.DuckDBPyConnection, counts: ReplayCounts, source: str,
                   dataset: Dataset, table: str, run_id: str, chunk_id: str,
-                  held: list[tuple[str, str, str]]) -> None:
+                  held: list[tuple[str, str, str]], fence: WriterFence | None) -> None:
     """Judge one chunk's quarantined rows again; commit those that pass with their release
     from quarantine and a ledger row, and rewrite the reasons of those whose rules changed."""
     refs = [ref for ref, _, _ in held]
@@ -172,20 +174,15 @@ def _replay_batch(con: duckdb.DuckDBPyConnection, counts: ReplayCounts, source: 
 
     if not passed:
         if changed:
-            con.begin()
-            try:
+            with store.transaction(con, fence):
                 settle(con)
-                con.commit()
-            except Exception as exc:
-                con.rollback()
-                raise store.classify(exc) from exc
         return
     entry = store.LedgerEntry(run_id=store.REPLAY_RUN_ID,
                               chunk_id=_chunk_id(source, run_id, chunk_id, passed, raws),
                               unit_id=chunk_id, kind=REPLAY_KIND)
     written = store.write_chunk(con, source=source, table=table, dataset=dataset, entry=entry,
                                 valid=result.valid, quarantined=QUARANTINE_SCHEMA.empty_table(),
-                                also=settle)
+                                also=settle, fence=fence)
     # Already in the ledger: these very rows were committed and released together, so they
     # cannot still be here; nothing is done twice either way.
     if not written.already_loaded:

@@ -4,7 +4,9 @@ Runs on the loader (beat sends `etl.load.replay` every `ETL_REPLAY_EVERY_S`), on
 DuckDB opens. Each chunk goes through DuckDB's ledger (`write_chunk` is idempotent on run
 and chunk), and is deleted from its fallback only after DuckDB committed it: a loader killed
 between the two finds the chunk in DuckDB's ledger next time and only deletes it. Run-side
-records (a run's row, its dead letters) are applied after the chunks.
+records (a run's row, its dead letters) are applied after the chunks. Every DuckDB and SQLite
+transaction is sealed with the loader's writer fence (load/fence.py); deleting a spooled file
+is not (it only forgets what DuckDB committed under the fence).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def replay(chain: StoreChain) -> Replayed:
             entry, valid, quarantined = fallback.read_chunk(lite, item["seq"])
             _commit(chain, con, item["source"], item["target_table"], item["dataset"], entry,
                     valid, quarantined)
-            fallback.delete_chunk(lite, item["seq"])
+            fallback.delete_chunk(lite, item["seq"], chain.fence)
             done.chunks += 1
             done.rows += valid.num_rows + quarantined.num_rows
             done.by_store["sqlite"] = done.by_store.get("sqlite", 0) + 1
@@ -78,11 +80,13 @@ def replay(chain: StoreChain) -> Replayed:
         done.by_store["spool"] = done.by_store.get("spool", 0) + 1
     if lite is not None:
         for seq, kind, payload in fallback.records(lite):
-            apply_record(con, kind, payload)
-            fallback.delete_record(lite, seq)
+            with primary.transaction(con, chain.fence):
+                apply_record(con, kind, payload)
+            fallback.delete_record(lite, seq, chain.fence)
             done.records += 1
     for path, kind, payload in spool.records(chain.settings.spool_path):
-        apply_record(con, kind, payload)
+        with primary.transaction(con, chain.fence):
+            apply_record(con, kind, payload)
         path.unlink()
         done.records += 1
     if done.chunks or done.records:
@@ -97,7 +101,7 @@ def _commit(chain: StoreChain, con: duckdb.DuckDBPyConnection, source: str, tabl
     # its ledger and does nothing: the replay is idempotent through it.
     primary.write_chunk(
         con, source=source, table=table, dataset=dataset, entry=entry, valid=valid,
-        quarantined=quarantined,
+        quarantined=quarantined, fence=chain.fence,
         fault=lambda point: faults.fault_point("replay", entry.chunk_id, chain.redis)
         if point == "after_commit" else None)
 

@@ -15,7 +15,7 @@ import contextlib
 import json
 import sqlite3
 from collections.abc import Callable, Iterator
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from etl_tasks.errors import EtlError, FatalError, TransientError
+from etl_tasks.load import fence as fencing
 from etl_tasks.load.duckdb import LedgerEntry, WriteResult
+from etl_tasks.load.fence import WriterFence
 
 _DDL = [
     """CREATE TABLE IF NOT EXISTS fallback_ledger (
@@ -37,6 +39,7 @@ _DDL = [
     # down; replayed like chunks.
     """CREATE TABLE IF NOT EXISTS fallback_records (
         seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, payload TEXT NOT NULL)""",
+    fencing.TABLE_DDL,  # a stale loader must not write the fallback either (load/fence.py)
 ]
 
 
@@ -85,38 +88,70 @@ def _ensure(con: sqlite3.Connection, table: str, schema: pa.Schema) -> None:
     con.execute(f'CREATE TABLE IF NOT EXISTS "{table}" ({cols}, _run_id TEXT, _chunk_id TEXT)')
 
 
-def write_chunk(con: sqlite3.Connection, *, source: str, table: str, dataset: str,
-                entry: LedgerEntry, valid: pa.Table, quarantined: pa.Table,
-                fault: Callable[[str], None] = lambda _: None) -> WriteResult:
-    """Commit one chunk here in one transaction, or nothing when it is here already."""
-    q_table = "etl_quarantine"
+@dataclass
+class _Transaction:
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Nothing to write after all: roll back instead of committing."""
+        self.cancelled = True
+
+
+@contextlib.contextmanager
+def _transaction(con: sqlite3.Connection, fence: WriterFence | None,
+                 fault: Callable[[str], None] = lambda _: None) -> Iterator[_Transaction]:
+    """BEGIN IMMEDIATE (this writer alone until the end), sealed right before COMMIT."""
+    tx = _Transaction()
     try:
         con.execute("BEGIN IMMEDIATE")
-        if con.execute("SELECT 1 FROM fallback_ledger WHERE run_id = ? AND chunk_id = ?",
-                       (entry.run_id, entry.chunk_id)).fetchone():
+        yield tx
+        if tx.cancelled:
             con.execute("ROLLBACK")
-            return WriteResult(0, 0, already_loaded=True)
-        for name, rows in ((table, valid), (q_table, quarantined)):
-            _ensure(con, name, rows.schema)
-            stored = _storable(rows)
-            marks = ", ".join("?" * (rows.num_columns + 2))
-            values = zip(*(c.to_pylist() for c in stored.columns), strict=True)
-            con.executemany(f'INSERT INTO "{name}" VALUES ({marks})',
-                            ((*v, entry.run_id, entry.chunk_id) for v in values))
-        con.execute(
-            "INSERT INTO fallback_ledger (run_id, chunk_id, source, target_table, dataset, "
-            "entry, valid_schema, quarantine_schema, rows_valid, rows_quarantined) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (entry.run_id, entry.chunk_id, source, table, dataset, json.dumps(asdict(entry)),
-             _schema_bytes(valid.schema), _schema_bytes(quarantined.schema), valid.num_rows,
-             quarantined.num_rows))
+            return
         fault("before_commit")
+        if fence is not None:
+            fence.seal(con)
         con.execute("COMMIT")
-    except (sqlite3.Error, OSError) as exc:
+    except BaseException as exc:
         with contextlib.suppress(sqlite3.Error):
             con.execute("ROLLBACK")
-        raise classify(exc) from exc
+        if isinstance(exc, sqlite3.Error | OSError | EtlError):
+            raise classify(exc) from exc
+        raise
+
+
+def write_chunk(con: sqlite3.Connection, *, source: str, table: str, dataset: str,
+                entry: LedgerEntry, valid: pa.Table, quarantined: pa.Table,
+                fault: Callable[[str], None] = lambda _: None,
+                fence: WriterFence | None = None) -> WriteResult:
+    """Commit one chunk here in one transaction, or nothing when it is here already."""
+    with _transaction(con, fence, fault) as tx:
+        if con.execute("SELECT 1 FROM fallback_ledger WHERE run_id = ? AND chunk_id = ?",
+                       (entry.run_id, entry.chunk_id)).fetchone():
+            tx.cancel()
+        else:
+            _insert_chunk(con, source, table, dataset, entry, valid, quarantined)
+    if tx.cancelled:
+        return WriteResult(0, 0, already_loaded=True)
     return WriteResult(valid.num_rows, quarantined.num_rows, already_loaded=False)
+
+
+def _insert_chunk(con: sqlite3.Connection, source: str, table: str, dataset: str,
+                  entry: LedgerEntry, valid: pa.Table, quarantined: pa.Table) -> None:
+    for name, rows in ((table, valid), ("etl_quarantine", quarantined)):
+        _ensure(con, name, rows.schema)
+        stored = _storable(rows)
+        marks = ", ".join("?" * (rows.num_columns + 2))
+        values = zip(*(c.to_pylist() for c in stored.columns), strict=True)
+        con.executemany(f'INSERT INTO "{name}" VALUES ({marks})',
+                        ((*v, entry.run_id, entry.chunk_id) for v in values))
+    con.execute(
+        "INSERT INTO fallback_ledger (run_id, chunk_id, source, target_table, dataset, "
+        "entry, valid_schema, quarantine_schema, rows_valid, rows_quarantined) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (entry.run_id, entry.chunk_id, source, table, dataset, json.dumps(asdict(entry)),
+         _schema_bytes(valid.schema), _schema_bytes(quarantined.schema), valid.num_rows,
+         quarantined.num_rows))
 
 
 def committed_counts(con: sqlite3.Connection, run_id: str,
@@ -158,10 +193,9 @@ def _read_rows(con: sqlite3.Connection, table: str, entry: LedgerEntry,
     return pa.Table.from_arrays(arrays, schema=schema)
 
 
-def delete_chunk(con: sqlite3.Connection, seq: int) -> None:
+def delete_chunk(con: sqlite3.Connection, seq: int, fence: WriterFence | None = None) -> None:
     """Forget a chunk DuckDB has committed (rows, quarantine and ledger row together)."""
-    try:
-        con.execute("BEGIN IMMEDIATE")
+    with _transaction(con, fence):
         row = con.execute("SELECT run_id, chunk_id, target_table FROM fallback_ledger "
                           "WHERE seq = ?", (seq,)).fetchone()
         if row is not None:
@@ -170,19 +204,13 @@ def delete_chunk(con: sqlite3.Connection, seq: int) -> None:
                 con.execute(f'DELETE FROM "{name}" WHERE _run_id = ? AND _chunk_id = ?',
                             (run_id, chunk_id))
             con.execute("DELETE FROM fallback_ledger WHERE seq = ?", (seq,))
-        con.execute("COMMIT")
-    except sqlite3.Error as exc:
-        with contextlib.suppress(sqlite3.Error):
-            con.execute("ROLLBACK")
-        raise classify(exc) from exc
 
 
-def add_record(con: sqlite3.Connection, kind: str, payload: dict[str, Any]) -> None:
-    try:
+def add_record(con: sqlite3.Connection, kind: str, payload: dict[str, Any],
+               fence: WriterFence | None = None) -> None:
+    with _transaction(con, fence):
         con.execute("INSERT INTO fallback_records (kind, payload) VALUES (?, ?)",
                     (kind, json.dumps(payload, default=str)))
-    except sqlite3.Error as exc:
-        raise classify(exc) from exc
 
 
 def records(con: sqlite3.Connection) -> list[tuple[int, str, dict[str, Any]]]:
@@ -190,8 +218,9 @@ def records(con: sqlite3.Connection) -> list[tuple[int, str, dict[str, Any]]]:
         "SELECT seq, kind, payload FROM fallback_records ORDER BY seq").fetchall()]
 
 
-def delete_record(con: sqlite3.Connection, seq: int) -> None:
-    con.execute("DELETE FROM fallback_records WHERE seq = ?", (seq,))
+def delete_record(con: sqlite3.Connection, seq: int, fence: WriterFence | None = None) -> None:
+    with _transaction(con, fence):
+        con.execute("DELETE FROM fallback_records WHERE seq = ?", (seq,))
 
 
 def waiting(path: Path) -> dict[str, int]:

@@ -8,6 +8,8 @@ Each change of the store in use raises one alert (warning for SQLite, critical f
 spool), and one note when DuckDB takes the writes back; `load/replay.py` drains the
 fallbacks. Every write first asks every store whether it already has the chunk, so a chunk
 committed to DuckDB and redelivered while DuckDB is locked is not written again elsewhere.
+Every write, in whichever store, is sealed with the loader's writer fence (load/fence.py);
+a refusal (`FencedOut`) never steps down: a stale loader must not write a fallback either.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from etl_tasks.load import duckdb as main_store
 from etl_tasks.load import spool
 from etl_tasks.load import sqlite as fallback
 from etl_tasks.load.duckdb import LedgerEntry, WriteResult
+from etl_tasks.load.fence import WriterFence
 from etl_tasks.monitoring.alerts import Severity, alert
 
 log = logging.getLogger(__name__)
@@ -42,8 +45,10 @@ _SEVERITY: dict[Store, Severity] = {"duckdb": "info", "sqlite": "warning", "spoo
 class StoreChain:
     """One loader task's access to the stores; opens each lazily, closes them at the end."""
 
-    def __init__(self, settings: Settings, r: redis.Redis | None = None) -> None:
-        self.settings, self.redis = settings, r
+    def __init__(self, settings: Settings, r: redis.Redis | None = None,
+                 fence: WriterFence | None = None) -> None:
+        # fence: the loader's (None only for tools and tests outside a worker)
+        self.settings, self.redis, self.fence = settings, r, fence
         self._duckdb: duckdb.DuckDBPyConnection | None = None
         self._sqlite: sqlite3.Connection | None = None
         self.unavailable: dict[str, str] = {}
@@ -107,7 +112,8 @@ class StoreChain:
               fault: Callable[[str], None] = lambda _: None) -> tuple[Store, WriteResult]:
         """Commit a chunk to the first store that can take it."""
         args: dict[str, Any] = {"source": source, "table": table, "dataset": dataset,
-                                "entry": entry, "valid": valid, "quarantined": quarantined}
+                                "entry": entry, "valid": valid, "quarantined": quarantined,
+                                "fence": self.fence}
         con = self.primary()
         if con is not None:
             try:
@@ -125,7 +131,8 @@ class StoreChain:
             else:
                 return self._used("sqlite"), result
         # The last resort; its failure (a full disk) is raised: nothing was stored.
-        result = spool.write_chunk(self.settings.spool_path, **args)
+        result = spool.write_chunk(self.settings.spool_path, **args,
+                                   lock_wait_s=self.settings.store_lock_wait_s)
         return self._used("spool"), result
 
     def record(self, kind: str, payload: dict[str, Any],
@@ -135,7 +142,8 @@ class StoreChain:
         con = self.primary()
         if con is not None:
             try:
-                apply(con)
+                with main_store.transaction(con, self.fence):
+                    apply(con)
             except TransientError as exc:
                 self.unavailable["duckdb"] = str(exc)
             else:
@@ -143,12 +151,13 @@ class StoreChain:
         lite = self.sqlite()
         if lite is not None:
             try:
-                fallback.add_record(lite, kind, payload)
+                fallback.add_record(lite, kind, payload, self.fence)
             except TransientError as exc:
                 self.unavailable["sqlite"] = str(exc)
             else:
                 return "sqlite"
-        spool.add_record(self.settings.spool_path, kind, payload)
+        spool.add_record(self.settings.spool_path, kind, payload, self.fence,
+                         self.settings.store_lock_wait_s)
         return "spool"
 
     def _used(self, store: Store) -> Store:

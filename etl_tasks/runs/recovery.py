@@ -14,6 +14,7 @@ import duckdb
 
 from etl_tasks import checkpoints
 from etl_tasks.load import duckdb as store
+from etl_tasks.load.fence import WriterFence
 from etl_tasks.resources import Resources
 from etl_tasks.runs import dead_letters, state
 
@@ -23,8 +24,10 @@ LOST = ("the run's state was lost when Redis lost its data (restarted without pe
         "the chunks it committed are kept and the next run loads the rest")
 
 
-def rebuild_state(res: Resources, con: duckdb.DuckDBPyConnection) -> dict[str, int]:
-    """Rebuild every source's checkpoints from the ledger; returns the key marks."""
+def rebuild_state(res: Resources, con: duckdb.DuckDBPyConnection,
+                  fence: WriterFence | None = None) -> dict[str, int]:
+    """Rebuild every source's checkpoints from the ledger; returns the key marks. The runs
+    recorded as failed are written under the loader's writer `fence`."""
     r = res.redis
     if checkpoints.intact(r):
         return {}
@@ -39,9 +42,10 @@ def rebuild_state(res: Resources, con: duckdb.DuckDBPyConnection) -> dict[str, i
         log.warning("rebuilt checkpoints of %s from the ledger: key mark %d, updated mark %s, "
                     "%d loaded files", src.name, key_mark, updated, len(files))
     now = time.time()
-    for run_id, source in store.runs_without_record(con):
-        if not state.exists(r, run_id):
-            store.record_run(con, state.Summary(source=source, run_id=run_id, status="failed",
-                                                error=LOST).public(), now, now)
+    with store.transaction(con, fence):
+        for run_id, source in store.runs_without_record(con):
+            if not state.exists(r, run_id):
+                store.record_run(con, state.Summary(
+                    source=source, run_id=run_id, status="failed", error=LOST).public(), now, now)
     checkpoints.mark_intact(r)
     return marks

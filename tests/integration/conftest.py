@@ -116,7 +116,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     s.start_worker("fleet", "fleet", "--concurrency", "2")
     s.start_worker("loader")
     s.start_worker("beat")  # the supervisor's schedule
-    wait_for_workers(app.control, ["fleet-", "loader@"])
+    wait_for_workers(app.control, ["fleet-", "loader-"])
     try:
         yield s
     finally:

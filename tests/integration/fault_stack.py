@@ -38,6 +38,8 @@ from etl_tasks.sources.firebird import FirebirdTarget, connect
 CLAIMS = 12_000
 CHUNK_SIZE = 2_000  # six key ranges: billing:keys:1-2000 ... billing:keys:10001-12000
 FAST_SUPERVISOR = {"ETL_OVERDUE_S": "5", "ETL_SUPERVISE_EVERY_S": "1"}
+# A loader started after its predecessor was killed waits for the dead one's writer lease.
+WRITER_LEASE_S = 5
 
 PIPELINE = """
 [[sources]]
@@ -131,14 +133,21 @@ class FaultStack:
         worker = self.start_worker("fleet", name, extra_env, ["--concurrency", "2"])
         if wait:
             # The fleet names itself after its pid: wait for this one, not any live fleet.
-            self.wait_for(f"fleet-{worker.pid}@")
+            self.wait_for(self.node("fleet", worker))
         return worker
 
-    def start_loader(self, extra_env: dict[str, str] | None = None, wait: bool = True) -> Worker:
-        worker = self.start_worker("loader", "loader", extra_env)
+    def start_loader(self, extra_env: dict[str, str] | None = None, wait: bool = True,
+                     name: str = "loader") -> Worker:
+        """A loader; a second one (another `name`) stands by while the first writes."""
+        worker = self.start_worker("loader", name, extra_env)
         if wait:
-            self.wait_for("loader@")
+            self.wait_for(self.node("loader", worker))
         return worker
+
+    @staticmethod
+    def node(role: str, worker: Worker) -> str:
+        """The start of a worker's Celery name: it names itself after its pid."""
+        return f"{role}-{worker.pid}@"
 
     def start_beat(self) -> Worker:
         return self.start_worker("beat")
@@ -147,10 +156,10 @@ class FaultStack:
                   loader_env: dict[str, str] | None = None, beat: bool = True) -> None:
         """Fleet, loader and beat (the supervisor needs beat), started side by side."""
         fleet = self.start_fleet(fleet_env, wait=False)
-        self.start_loader(loader_env, wait=False)
+        loader = self.start_loader(loader_env, wait=False)
         if beat:
             self.start_beat()
-        self.wait_for(f"fleet-{fleet.pid}@", "loader@")
+        self.wait_for(self.node("fleet", fleet), self.node("loader", loader))
 
     def wait_for(self, *names: str, timeout: float = 60) -> None:
         wait_for_workers(app.control, list(names), timeout=timeout)
@@ -273,6 +282,7 @@ def fault_stack(root: Path, template: Path, runtime_dir: Path, *, appendonly: bo
         "ETL_FIREBIRD_RUNTIME_DIR": str(runtime_dir),
         "ETL_PIPELINE_CONFIG": str(root / "pipeline.toml"),
         "ETL_STAGE_TTL_S": "3600",
+        "ETL_WRITER_LEASE_S": str(WRITER_LEASE_S),
         **FAST_SUPERVISOR,
         **(env or {}),
     }

@@ -124,13 +124,13 @@ def test_flower_shows_workers_and_id_only_task_arguments(env, tmp_path):
         while time.monotonic() < deadline:
             try:
                 workers = get("/api/workers?refresh=1")
-                if any(w.startswith("loader@") for w in workers):
+                if any(w.startswith("loader-") for w in workers):
                     break
             except OSError:
                 pass
             time.sleep(0.5)
         assert any(w.startswith("fleet-") for w in workers)
-        assert any(w.startswith("loader@") for w in workers)
+        assert any(w.startswith("loader-") for w in workers)
         generate_claims(get_resources().firebird_target, _claims_max(env) + 1, 100)
         run_source("billing").wait(timeout=90)
         time.sleep(1)  # let Flower take in the last events
@@ -242,13 +242,14 @@ def test_etl_status_json_shows_runs_dead_letters_and_workers_per_queue(env):
     assert billing["staleness_s"] >= 0
     assert any(w.startswith("fleet-") for w in status["workers"]["extract"])
     assert any(w.startswith("fleet-") for w in status["workers"]["transform"])
-    assert [w.split("@")[0] for w in status["workers"]["load"]] == ["loader"]
+    # One loader, the writer, consumes `load` (a standby would consume only `control`).
+    assert [w.split("-")[0] for w in status["workers"]["load"]] == ["loader"]
     assert status["open_alerts"] == []
     table = subprocess.run([etl, "status"], env=env.env, capture_output=True, text=True,
                            timeout=120)
     assert table.returncode == 0, table.stderr
     assert "billing" in table.stdout
-    assert "load workers: loader@" in table.stdout
+    assert "load workers: loader-" in table.stdout
 
 
 def test_etl_run_require_workers_refuses_a_queue_nobody_consumes(env, tmp_path):
