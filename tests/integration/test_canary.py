@@ -284,7 +284,8 @@ def test_no_canary_value_leaves_the_store(world):
             # A second run: the dead range is tried again, the text key fails again.
             outputs["etl run --all --wait"] = _etl(stack, "run", "--all", "--wait")
             for args in (("status", "--json"), ("status",), ("dead-letters", "--json"),
-                         ("dead-letters",), ("reconcile", "billing", "--json"), ("fallbacks",)):
+                         ("dead-letters",), ("reconcile", "billing", "--json"), ("fallbacks",),
+                         ("quarantine", "list", "--json"), ("quarantine", "list")):
                 outputs["etl " + " ".join(args)] = _etl(stack, *args)
             wait_until(lambda: webhook.bodies, 60, "an alert on the webhook")
             wait_until(lambda: any(b"FatalError" in b or b"Unexpected" in b
