@@ -1,6 +1,9 @@
 """The beat schedule, built from the pipeline config: one entry per source.
 
-`celery -A etl_tasks beat` (or `python -m workers.beat`) runs it. Each source entry enqueues
+`celery -A etl_tasks beat` (or `python -m workers.beat`) runs it: every beat, leading or not,
+writes it into Redis when it starts, and deletes there the entries no longer in it (a source
+removed or made manual); the leading beat sends what Redis holds (etl_tasks/scheduler.py).
+Each source entry enqueues
 `etl.plan.run_source` with only the source name (the run id is made by the task); a source
 with `schedule = "manual"` runs only when asked. The supervisor runs every
 `ETL_SUPERVISE_EVERY_S` seconds: without it a run whose worker died waits for the broker's
