@@ -215,18 +215,15 @@ def _readable(text: str, depth: int = 0) -> str:
     return "\n".join(found)
 
 
-def _monitor_commands(path: Path) -> tuple[str, int]:
-    """Every command MONITOR saw, decoded, except the staged payloads; and how many of
-    those were left out."""
-    kept, staged = [], 0
+def _monitor_commands(path: Path) -> tuple[str, list[bytes]]:
+    """Every command MONITOR saw, decoded; and the staged payloads among them."""
+    kept, staged = [], []
     for line in path.read_bytes().splitlines():
         args = [_unescape(a) for a in _QUOTED.findall(line)]
-        # Staged payloads (zstd Arrow IPC of a chunk's rows, SET etl:stage:<run>:<chunk>:*)
-        # hold patient rows by design until another issue encrypts them: exactly those
-        # commands are left out, nothing else (task messages, events, results, run records).
+        # Staged payloads (SET etl:stage:<run>:<chunk>:*) are a chunk's patient rows, sealed
+        # with AES-GCM (etl_tasks/sealing.py): they are searched like everything else.
         if len(args) >= 3 and args[0].upper() == b"SET" and args[1].startswith(b"etl:stage:"):
-            staged += 1
-            continue
+            staged.append(args[2])
         kept.append(_readable(b" ".join(args).decode("utf-8", "replace")))
     return "\n".join(kept), staged
 
@@ -252,9 +249,10 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
 
 
 def test_no_canary_value_leaves_the_store(world):
-    """Logs, CLI output, Flower, Redis traffic (but staged payloads), results, run records,
-    Sentry, webhook alerts and /metrics hold no canary value, while the canary's valid rows
-    are in DuckDB and its failing rows in etl_quarantine."""
+    """Logs, CLI output, the HTML report, Flower, Redis traffic (sealed staged payloads
+    included), results, run records, Sentry, webhook alerts and /metrics hold no canary
+    value, while the canary's valid rows are in DuckDB and its failing rows in
+    etl_quarantine."""
     with http_receiver() as sentry, http_receiver() as webhook:
         stack: FaultStack = world(env={
             "ETL_SENTRY_DSN": sentry.url.replace("http://", "http://public@") + "/1",
@@ -297,6 +295,9 @@ def test_no_canary_value_leaves_the_store(world):
             outputs["Flower /api/workers"] = _get(
                 f"http://127.0.0.1:{flower_port}/api/workers?refresh=1", auth)
             outputs["/metrics"] = _get(f"http://127.0.0.1:{exporter_port}/metrics")
+            report = stack.root / "report.html"
+            outputs["etl report --html"] = _etl(stack, "report", "--html", str(report))
+            outputs["report.html"] = report.read_text()
             # Kept beside the logs for whoever reads a failure.
             (logs / "outputs.json").write_text(json.dumps(outputs, indent=1))
             rows = _stored_rows(stack)
@@ -318,10 +319,12 @@ def test_no_canary_value_leaves_the_store(world):
     assert all(MRN in raw for raw in rows["raw"])  # etl_quarantine.raw keeps the values
 
     monitor, staged = _monitor_commands(logs / "monitor.txt")
-    assert staged > 0  # the staged payloads were seen (and are the only thing left out)
+    # Seen, and sealed: an Arrow IPC stream would show its schema's column names in clear.
+    assert staged
+    assert not any(b"patient_id" in payload or b"date_of_birth" in payload for payload in staged)
     assert re.search(r"celery-task-meta-", monitor)
     assert re.search(r"etl:run:", monitor)
-    outputs["Redis MONITOR (all but staged payloads)"] = monitor
+    outputs["Redis MONITOR"] = monitor
     for log in sorted(logs.glob("*.log")):
         outputs[f"log {log.name}"] = log.read_text(errors="replace")
     for n, body in enumerate(sentry_bodies):
