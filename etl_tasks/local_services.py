@@ -166,13 +166,17 @@ class FirebirdServer:
     has `password` under Srp, which the Firebird 5 client of the firebird-embedded wheel
     speaks), `server.log` (its output; the package's build keeps its own log in
     /var/log/firebird). Databases can only be opened under `directory` (DatabaseAccess):
-    `dsn(path)` names one for ETL_FIREBIRD_DSN.
+    `dsn(path)` names one for ETL_FIREBIRD_DSN. `host` is the address it listens on and
+    `prefix` a command it runs under: `("ip", "netns", "exec", "<ns>")` starts it on a test
+    host of tests/integration/test_hosts.py, listening on that host's address.
     """
 
     directory: Path
     port: int = field(default_factory=free_port)
     user: str = "SYSDBA"
     password: str = "masterkey"
+    host: str = "127.0.0.1"
+    prefix: tuple[str, ...] = ()
     process: subprocess.Popen[bytes] | None = None
 
     @property
@@ -184,20 +188,21 @@ class FirebirdServer:
         return self.directory / "server.log"
 
     def dsn(self, path: Path | str) -> str:
-        """`127.0.0.1/<port>:<path>`: a database file of this server, for ETL_FIREBIRD_DSN."""
-        return f"127.0.0.1/{self.port}:{Path(path).resolve()}"
+        """`<host>/<port>:<path>`: a database file of this server, for ETL_FIREBIRD_DSN."""
+        return f"{self.host}/{self.port}:{Path(path).resolve()}"
 
     def start(self) -> FirebirdServer:
         binary, root, isql = _firebird_server_files()
         self.directory = self.directory.resolve()
         self._configure(root, isql)
         with self.log_path.open("ab") as log:
-            self.process = subprocess.Popen([str(binary)], env=self._env(), cwd=self.directory,
-                                            stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen([*self.prefix, str(binary)], env=self._env(),
+                                            cwd=self.directory, stdout=log,
+                                            stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 15
         while True:
             try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=1):
+                with socket.create_connection((self.host, self.port), timeout=1):
                     return self
             except OSError:
                 if self.process.poll() is not None or time.monotonic() > deadline:
@@ -245,7 +250,7 @@ class FirebirdServer:
         (conf / "firebird.conf").write_text(
             "# A private server for tests, written by etl_tasks.local_services.FirebirdServer\n"
             f"RemoteServicePort = {self.port}\n"
-            "RemoteBindAddress = 127.0.0.1\n"
+            f"RemoteBindAddress = {self.host}\n"
             f"DatabaseAccess = Restrict {self.directory}\n"
             f"SecurityDatabase = {self.security_db}\n"
             "AuthServer = Srp\n"
