@@ -1,12 +1,14 @@
 # `make demo` runs the main job end to end; `make test` runs the test suite.
 # Both create .venv, install the pinned Python packages and, when missing, the system
-# packages they need (redis-server, libtommath1 for the embedded Firebird engine; for the
+# packages they need (redis-server, libtommath1 and ICU for the embedded Firebird engine, which
+# dlopens ICU: libicu-dev pulls in the release's libicuNN whatever its number; for the
 # tests also LibreOffice Calc, which makes workbooks the way another tool than openpyxl does,
 # and firebird3.0-server, whose server binary the tests start privately on a free loopback
 # port to stop and kill it; they never use the package's own service, whether or not it
 # runs. Non-interactive, its debconf question is not asked and the package gives its own
 # service's SYSDBA a random password, which the tests do not need; prometheus, which the
-# tests start privately to scrape the exporter, and chromium, which renders `etl report`).
+# tests start privately to scrape the exporter, chromium, which renders `etl report`, and
+# iproute2, whose `ip` makes the network namespaces of the multi-host test).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -34,12 +36,14 @@ system-deps:
 	@missing=""; \
 	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	/sbin/ldconfig -p 2>/dev/null | grep -q 'libtommath.so.1 ' || missing="$$missing libtommath1"; \
+	/sbin/ldconfig -p 2>/dev/null | grep -q 'libicuuc.so.[0-9]' || missing="$$missing libicu-dev"; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$(NEED_TEST_PACKAGES)" ]; then \
 	  command -v soffice >/dev/null 2>&1 || missing="$$missing libreoffice-calc-nogui"; \
 	  { [ -x /usr/sbin/firebird ] && command -v isql-fb >/dev/null 2>&1; } || \
 	    missing="$$missing firebird3.0-server"; \
 	  command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
+	  command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	fi; \
 	if [ -n "$$missing" ]; then \
