@@ -279,6 +279,7 @@ def test_queue_depth_counts_every_priority_sub_list(env):
         assert kombu_count == 4
     finally:
         client.flushdb()
+        client.close()
 
 
 def test_a_scrape_answers_while_duckdb_is_held_or_redis_hangs(env, tmp_path):
