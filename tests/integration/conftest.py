@@ -108,16 +108,16 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         "ETL_SUPERVISE_EVERY_S": "2",
     }
     saved = dict(os.environ)
-    _set_env(env)
-    manifest = make_demo_data(root / "data" / "demo", get_resources().firebird_target,
-                              claims=20_000, lab_files=4, lab_records=200, reg_files=3,
-                              reg_rows=120)
-    s = Stack(root, env, redis_server, manifest, {})
-    s.start_worker("fleet", "fleet", "--concurrency", "2")
-    s.start_worker("loader")
-    s.start_worker("beat")  # the supervisor's schedule
-    wait_for_workers(app.control, ["fleet-", "loader-"])
-    try:
+    s = Stack(root, env, redis_server, {}, {})
+    try:  # from here on, whatever fails (slow workers, the demo data) stops what started
+        _set_env(env)
+        s.manifest = make_demo_data(root / "data" / "demo", get_resources().firebird_target,
+                                    claims=20_000, lab_files=4, lab_records=200, reg_files=3,
+                                    reg_rows=120)
+        s.start_worker("fleet", "fleet", "--concurrency", "2")
+        s.start_worker("loader")
+        s.start_worker("beat")  # the supervisor's schedule
+        wait_for_workers(app.control, ["fleet-", "loader-"])
         yield s
     finally:
         for worker in s.workers.values():
