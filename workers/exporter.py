@@ -19,6 +19,8 @@ import threading
 
 from prometheus_client import CollectorRegistry, start_http_server
 
+from etl_tasks.config import get_settings
+from etl_tasks.monitoring import logs
 from etl_tasks.monitoring.exporter import collector
 
 
@@ -49,7 +51,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    logs.setup(get_settings().log_format)  # console or JSON lines, like every process
     registry = CollectorRegistry()
     registry.register(collector(last=args.last, timeout_s=args.timeout))
     server, _ = start_http_server(args.port, args.address, registry=registry)
