@@ -15,16 +15,11 @@ from typing import Any, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from etl_tasks import datasets
+from etl_tasks.datasets import DatasetConfig
 from etl_tasks.errors import FatalError
 
 SourceKind = Literal["firebird", "xml", "excel"]
-
-# Which validation schema (and default DuckDB table) each kind of source feeds.
-DATASET_OF_KIND: dict[str, str] = {
-    "firebird": "billing_claims",
-    "xml": "lab_results",
-    "excel": "patient_registrations",
-}
 
 
 class Settings(BaseSettings):
@@ -177,7 +172,10 @@ class SourceConfig(BaseModel):
     chunk_size: int = Field(default=50_000, ge=1)
     """Rows per chunk: Firebird keys per range, file records per chunk."""
     target_table: str = ""
-    """DuckDB table; defaults to the dataset of the kind (billing_claims, ...)."""
+    """DuckDB table; defaults to its dataset's (a built-in's is its name: billing_claims...)."""
+    dataset_name: str | None = Field(default=None, alias="dataset")
+    """`dataset = "..."`: the dataset (columns, rules, key, version) the rows are: a
+    `[[datasets]]` entry or a built-in. Default: by kind (datasets.dataset_of)."""
     key_column: str = "CLAIM_ID"
     """Firebird only: the integer key the work is cut along."""
     updated_column: str = "UPDATED_AT"
@@ -211,7 +209,7 @@ class SourceConfig(BaseModel):
 
     @property
     def dataset(self) -> str:
-        return DATASET_OF_KIND[self.kind]
+        return datasets.dataset_of(self)
 
     @property
     def table(self) -> str:
@@ -224,6 +222,13 @@ class SourceConfig(BaseModel):
 class PipelineConfig(BaseModel):
     sources: list[SourceConfig]
     thresholds: Thresholds = Field(default_factory=Thresholds)
+    datasets: list[DatasetConfig] = Field(default_factory=list)
+    """Declared datasets (datasets.py), beside the built-in ones."""
+
+    @model_validator(mode="after")
+    def _datasets(self) -> PipelineConfig:
+        datasets.check_pipeline(self)  # every named dataset exists; default target tables
+        return self
 
     def thresholds_of(self, name: str) -> Thresholds:
         """The source's thresholds: its overrides over the pipeline's defaults."""
@@ -271,4 +276,5 @@ def load_pipeline(settings: Settings) -> PipelineConfig:
         except ValueError as exc:
             raise FatalError(f"invalid pipeline config {origin}: thresholds of source {name}: "
                              f"{exc}") from exc
+    datasets.install(config)  # the loader finds a chunk's key by its dataset's name
     return config

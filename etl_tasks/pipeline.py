@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from etl_tasks import checkpoints, faults, staging
+from etl_tasks import checkpoints, datasets, faults, staging
 from etl_tasks.config import SourceConfig
 from etl_tasks.errors import SourceFileError, TransientError
 from etl_tasks.load import duckdb as store
@@ -108,7 +108,8 @@ def _extract_file(res: Resources, ctx: RunContext, unit: Unit,
     """Stage a file's batches into `chunks`; the reason when the file is refused whole."""
     r, src, path = res.redis, ctx.src, Path(unit.path)
     reader = xml_feed if src.kind == "xml" else excel
-    layout = dict(src.layout)
+    # A declared dataset's columns (and its file-unique key) over the readers' built-in ones.
+    layout = {**src.layout, **datasets.spec_for(res.pipeline, src).reader_options(src.kind)}
     if src.kind == "excel":
         # The last good copy of an upload is the same name in processed/.
         layout.setdefault("last_good_dir", path.parent / "processed")
@@ -147,7 +148,7 @@ def transform_staged(res: Resources, run_id: str, chunk_id: str, send: Dispatch)
     except staging.StagingLost:
         restage(res, run_id, chunk_id, send)
         return 0
-    result = transform_chunk(ctx.src.dataset, raw)  # type: ignore[arg-type]
+    result = transform_chunk(datasets.spec_for(res.pipeline, ctx.src), raw)
     staging.put(r, res.sealer, run_id, chunk_id, "valid", result.valid, ttl)
     staging.put(r, res.sealer, run_id, chunk_id, "quarantine", result.quarantined, ttl)
     state.mark_transformed(r, run_id, chunk_id)

@@ -11,13 +11,15 @@ import datetime
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from etl_tasks import datasets
+from etl_tasks.datasets import DatasetSpec
 from etl_tasks.errors import FatalError
 from etl_tasks.validate import (
     BILLING_CLAIMS,
@@ -91,12 +93,22 @@ class TransformResult:
 
 
 def transform_chunk(
-    dataset: Dataset, table: pa.Table, *, today: datetime.date | None = None
+    dataset: Dataset | str | DatasetSpec, table: pa.Table, *, today: datetime.date | None = None
 ) -> TransformResult:
     """Validate every row of a staged chunk and split it into typed valid and quarantined rows.
 
-    `today` bounds registration birth dates (None: the date at validation).
+    `dataset` is a built-in's name, or any dataset's spec or name (datasets.py): a declared
+    dataset is judged by its rules, a generic table by its key. `today` bounds birth dates
+    and `today` in declared date bounds (None: the date at validation).
     """
+    if isinstance(dataset, DatasetSpec) or dataset not in _INPUT_SCHEMAS:
+        spec = dataset if isinstance(dataset, DatasetSpec) else datasets.lookup(dataset)
+        if not spec.builtin:
+            verdict = spec.judge(table, today)
+            quarantined = _quarantine(table, verdict.source_ref, verdict.failures)
+            return TransformResult(valid=verdict.valid, quarantined=quarantined)
+        dataset = spec.name
+    dataset = cast("Dataset", dataset)
     table = _conform(dataset, table)
     if dataset == "billing_claims":
         source_ref = _claim_refs(table["claim_id"])
@@ -246,7 +258,8 @@ class Restaged:
 
 
 def restage_quarantined(
-    dataset: Dataset, raws: Sequence[str], source_refs: Sequence[str], reasons: Sequence[str]
+    dataset: Dataset | str, raws: Sequence[str], source_refs: Sequence[str],
+    reasons: Sequence[str]
 ) -> Restaged:
     """Rebuild a staged chunk from quarantined rows, the inverse of their raw JSON, so that
     transform_chunk can judge them again by the current rules.
@@ -256,7 +269,10 @@ def restage_quarantined(
     the contract's types (someone edited them), or, for claims, whose claim id no longer
     gives its source pointer, is left out with that reason.
     """
-    schema = _INPUT_SCHEMAS[dataset]
+    schema = _INPUT_SCHEMAS.get(dataset) or datasets.lookup(dataset).input_schema()
+    if schema is None:
+        raise FatalError(f"rows of dataset {dataset} cannot be read back: the types of its "
+                         "staged columns are not known here", source=dataset)
     names = [name for name in schema.names if not name.startswith("_")]
     unreadable: dict[int, list[str]] = {}
     values: dict[str, list[str | None]] = {name: [] for name in names}
@@ -282,8 +298,11 @@ def restage_quarantined(
         for mismatch in np.flatnonzero(~same.to_numpy(zero_copy_only=False)):
             unreadable.setdefault(int(mismatch), ["claim_id: must match the source pointer"])
     else:
-        columns["_source_ref"] = refs
-        columns["_duplicate"] = pa.array([_DUPLICATE_IN_FILE in r for r in reasons], pa.bool_())
+        if "_source_ref" in schema.names:  # else the pointer is made from the key again
+            columns["_source_ref"] = refs
+        if "_duplicate" in schema.names:
+            columns["_duplicate"] = pa.array([_DUPLICATE_IN_FILE in r for r in reasons],
+                                             pa.bool_())
     keep = pa.array([p not in unreadable for p in range(len(raws))], pa.bool_())
     return Restaged(pa.table(columns, schema=schema).filter(keep), unreadable)
 

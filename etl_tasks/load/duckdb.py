@@ -19,25 +19,15 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 
+from etl_tasks import datasets
+from etl_tasks.datasets import TableKey
 from etl_tasks.errors import EtlError, FatalError, TransientError
 from etl_tasks.load import fence as fencing
 from etl_tasks.load.fence import WriterFence
 
-
-@dataclass(frozen=True)
-class TableKey:
-    columns: tuple[str, ...]
-    version: str | None = None  # newer version wins; None: the later load wins
-
-
-# The natural key of each dataset: what "no duplicate rows" means for it.
-KEYS: dict[str, TableKey] = {
-    "billing_claims": TableKey(("claim_id",), "updated_at"),
-    # ResultId is unique only within a file (DESIGN.md): another file's result with the same
-    # id is a different result unless patient and test match too (then it is a correction).
-    "lab_results": TableKey(("result_id", "patient_id", "test_code"), "reported_at"),
-    "patient_registrations": TableKey(("mrn", "clinic", "registration_date")),
-}
+# The natural key of each built-in dataset: what "no duplicate rows" means for it. Declared
+# and generic datasets have theirs in the pipeline config (datasets.table_key).
+KEYS: dict[str, TableKey] = {name: datasets.table_key(name) for name in datasets.BUILTIN}
 
 _DDL = [
     # One row per committed chunk of a run. Keyed by run and chunk: a redelivery within a run
@@ -178,7 +168,7 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
     `also` runs in the chunk's transaction (the quarantine replay releases its rows there);
     `fence` (the loader's; None only outside workers) is sealed right before the COMMIT.
     """
-    key = KEYS[dataset]
+    key = datasets.table_key(dataset)
     run_id, chunk_id = entry.run_id, entry.chunk_id
     try:
         con.begin()
@@ -189,7 +179,9 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
         ensure_table(con, table, valid.schema)
         con.register("incoming", valid)
         con.register("incoming_q", quarantined)
-        match = " AND ".join(f"t.{c} IS NOT DISTINCT FROM i.{c}" for c in key.columns)
+        # No natural key (a table read whole each run): the row itself is its key.
+        columns = key.columns or tuple(n for n in valid.schema.names if n != "source_ref")
+        match = " AND ".join(f"t.{c} IS NOT DISTINCT FROM i.{c}" for c in columns)
         # Strictly newer: a re-read of the same version is left alone and counted unchanged.
         newer = f" AND i.{key.version} > t.{key.version}" if key.version else ""
         # Upsert: drop the stored versions this chunk supersedes, then insert what is new.

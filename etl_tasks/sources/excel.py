@@ -11,7 +11,10 @@ the file or finds no header; once one has found the header its rows are read to 
 an error there quarantines the file. If every strategy fails, the reason lists each one's.
 
 The header row is found under any title rows and matched case- and space-insensitively. Cells
-become text without losing digits; parsing belongs to the transform.
+become text without losing digits; parsing belongs to the transform. The header names are the
+registrations' (CANONICAL) unless the source's dataset declares its own columns; then the
+layout's `headers` maps columns to header names (default: the column's name), and the header
+row is the one naming every required column.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import lzma
 import warnings
 import zipfile
 import zlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -81,11 +84,28 @@ class Workbook:
 
 
 @dataclass(frozen=True)
+class _Form:
+    """What the header row names and which columns the batches hold."""
+
+    columns: tuple[str, ...]
+    keys: dict[str, str]
+    """Header name squashed (no spaces, lower case) -> output column."""
+    required: tuple[str, ...]
+    """Squashed header names that identify the header row."""
+    labels: str
+    """Those header names as written, for the reason when no row names them."""
+    schema: pa.Schema
+    key: tuple[int, ...]
+    """Positions of the columns whose repeat within the file is flagged."""
+
+
+@dataclass(frozen=True)
 class _Options:
     sheet: str | None
     last_good_dir: Path | None
     max_uncompressed_bytes: int
     allow_macros: bool
+    form: _Form
 
 
 @dataclass(frozen=True)
@@ -97,6 +117,7 @@ class _Located:
     positions: dict[int, str]
     rows: Iterator[Sequence[Cell]]
     close: Callable[[], None]
+    form: _Form
 
 
 class _Failed(Exception):
@@ -115,8 +136,39 @@ class _Refused(Exception):
         super().__init__(reason)
 
 
-_KEYS = {"".join(name.split()).lower(): column for name, column in CANONICAL.items()}
-_REQUIRED_KEYS = ("mrn", "dateofbirth")
+def _squash(name: str) -> str:
+    return "".join(name.split()).lower()
+
+
+def _form(columns: Sequence[str], headers: Mapping[str, str] | None,
+          required: Sequence[str] | None, duplicate_key: Sequence[str] | None,
+          source: str) -> _Form:
+    """The header names to find and the columns to give: the registrations' by default."""
+    columns = tuple(columns)
+    if duplicate_key is None:
+        duplicate_key = ("mrn",) if columns == COLUMNS else ()
+    if headers is None and columns == COLUMNS:
+        labels = {column: label for label, column in CANONICAL.items()}
+    else:
+        if not isinstance(headers, Mapping | None):
+            raise FatalError("headers must map output columns to header names", source=source)
+        if unknown := sorted(set(headers or {}) - set(columns)):
+            raise FatalError(f"headers names {unknown}, which are not output columns",
+                             source=source)
+        labels = {column: (headers or {}).get(column, column) for column in columns}
+    if required is None:
+        required = ("mrn", "date_of_birth") if columns == COLUMNS else columns
+    if unknown := sorted((set(required) | set(duplicate_key)) - set(columns)):
+        raise FatalError(f"required or duplicate key names {unknown}, which are not output "
+                         "columns", source=source)
+    required = required or columns
+    return _Form(columns, {_squash(labels[c]): c for c in columns},
+                 tuple(_squash(labels[c]) for c in required),
+                 ", ".join(labels[c] for c in required),
+                 SCHEMA if columns == COLUMNS else files.text_schema(columns),
+                 tuple(columns.index(c) for c in duplicate_key))
+
+
 _SIGNATURES = {b"PK\x03\x04": "zip", b"\xd0\xcf\x11\xe0": "ole"}
 _EXPECTED_SIGNATURE = {".xlsx": "zip", ".xlsm": "zip", ".ods": "zip", ".xls": "ole"}
 _OPENPYXL_SUFFIXES = frozenset({".xlsx", ".xlsm"})
@@ -143,12 +195,21 @@ def iter_batches(
     last_good_dir: Path | str | None = None,
     max_uncompressed_bytes: int = MAX_UNCOMPRESSED_BYTES,
     allow_macros: bool = False,
+    columns: Sequence[str] = COLUMNS,
+    headers: Mapping[str, str] | None = None,
+    required: Sequence[str] | None = None,
+    duplicate_key: Sequence[str] | None = None,
     **layout: Any,
 ) -> Iterator[pa.Table]:
-    """Yield the data rows under the header as tables of at most `batch_rows` rows (SCHEMA).
+    """Yield the data rows under the header as tables of at most `batch_rows` rows (SCHEMA,
+    or the text schema of `columns`).
 
     `sheet` names the sheet to read; by default the first sheet that has the header row is.
     `last_good_dir` holds the last good copy of each upload, by name (the last strategy).
+    `headers` maps `columns` to their header names; the header row is the first that names
+    every `required` column (default: MRN and Date of Birth, or every column of a declared
+    dataset with no required one). A row whose `duplicate_key` values were on an earlier row
+    of the file is flagged `_duplicate` (default: MRN for the registrations' columns).
     Fully blank rows are skipped; `_source_ref` keeps the real row number.
     """
     if batch_rows < 1:
@@ -164,6 +225,7 @@ def iter_batches(
         last_good_dir=Path(last_good_dir) if last_good_dir is not None else None,
         max_uncompressed_bytes=max_uncompressed_bytes,
         allow_macros=bool(allow_macros),
+        form=_form(columns, headers, required, duplicate_key, source),
     )
     try:
         yield from _read(path, batch_rows, source, options)
@@ -271,20 +333,20 @@ def _strategies(
                 raise _Failed("openpyxl reads only .xlsx and .xlsm")
             if problem is not None:
                 raise _Failed(problem)
-            return _attempt(path, path.name, opener, source, options.sheet)
+            return _attempt(path, path.name, opener, source, options)
 
         return attempt
 
     return [
         ("python-calamine", engine(_open_calamine)),
         ("openpyxl", engine(_open_openpyxl)),
-        ("csv sidecar", lambda: _sidecar(path, source)),
+        ("csv sidecar", lambda: _sidecar(path, source, options)),
         ("last good copy", lambda: _last_good(path, source, options)),
     ]
 
 
 def _attempt(
-    path: Path, label: str, opener: Callable[[Path], Workbook], source: str, sheet: str | None
+    path: Path, label: str, opener: Callable[[Path], Workbook], source: str, options: _Options
 ) -> _Located:
     """Open `path` with one engine and find its header, or raise _Failed."""
     try:
@@ -292,14 +354,15 @@ def _attempt(
     except BaseException as exc:
         raise _Failed(_failure(exc, path, source)) from exc
     try:
-        name, header_row, positions, rows = _locate(book, path, source, sheet)
+        name, header_row, positions, rows = _locate(book, path, source, options.sheet,
+                                                    options.form)
     except SourceFileError as exc:
         book.close()
         raise _Failed(exc.reason) from None
     except BaseException as exc:
         book.close()
         raise _Failed(_failure(exc, path, source)) from exc
-    return _Located(f"{label}!{name}", header_row, positions, rows, book.close)
+    return _Located(f"{label}!{name}", header_row, positions, rows, book.close, options.form)
 
 
 def _failure(exc: BaseException, path: Path, source: str) -> str:
@@ -350,7 +413,7 @@ def _open_openpyxl(path: Path) -> Workbook:
     return Workbook(list(book.sheetnames), rows, book.close)
 
 
-def _sidecar(path: Path, source: str) -> _Located:
+def _sidecar(path: Path, source: str, options: _Options) -> _Located:
     """`upload.csv` beside `upload.xlsx`: same header search, rows numbered as CSV records.
 
     Spreadsheet programs save CSV as UTF-8 (often with a BOM), as UTF-16 with a BOM, or in the
@@ -378,7 +441,8 @@ def _sidecar(path: Path, source: str) -> _Located:
             raise _Failed(_failure(exc, sidecar, source)) from exc
         book = Workbook([sidecar.name], _csv_rows(stream, delimiter), stream.close)
         try:
-            _name, header_row, positions, rows = _locate(book, sidecar, source, None)
+            _name, header_row, positions, rows = _locate(book, sidecar, source, None,
+                                                         options.form)
         except SourceFileError as exc:
             stream.close()
             reason = reason or exc.reason  # the comma's reason: the others say the same
@@ -388,7 +452,7 @@ def _sidecar(path: Path, source: str) -> _Located:
             raise _Failed(_failure(exc, sidecar, source)) from exc
         log.info("%s: read as %s, separated by %r", sidecar.name, _CSV_ENCODINGS[encoding],
                  delimiter)  # fmt: skip
-        return _Located(sidecar.name, header_row, positions, rows, stream.close)
+        return _Located(sidecar.name, header_row, positions, rows, stream.close, options.form)
     raise _Failed(reason)
 
 
@@ -438,7 +502,7 @@ def _last_good(path: Path, source: str, options: _Options) -> _Located:
     reasons: list[tuple[str, str]] = []
     for name, opener in (("python-calamine", _open_calamine), ("openpyxl", _open_openpyxl)):
         try:
-            return _attempt(copy, label, opener, source, options.sheet)
+            return _attempt(copy, label, opener, source, options)
         except _Failed as exc:
             reasons.append((name, exc.reason))
     raise _Failed(f"the copy cannot be read either ({_summary(reasons)})")
@@ -559,7 +623,7 @@ def _too_big(size: int, limit: int) -> str:
 
 
 def _locate(
-    book: Workbook, path: Path, source: str, wanted: str | None
+    book: Workbook, path: Path, source: str, wanted: str | None, form: _Form
 ) -> tuple[str, int, dict[int, str], Iterator[Sequence[Cell]]]:
     """Find the sheet and its header row; return the rows iterator positioned after it."""
     if wanted is not None and wanted not in book.sheet_names:
@@ -571,22 +635,23 @@ def _locate(
     for name in [wanted] if wanted is not None else book.sheet_names:
         rows = book.rows(name)
         for number, row in enumerate(itertools.islice(rows, HEADER_SEARCH_ROWS), start=1):
-            keys = ["".join(cell.split()).lower() if isinstance(cell, str) else "" for cell in row]
-            if all(key in keys for key in _REQUIRED_KEYS):
-                return name, number, _positions(keys, path, source, name, number), rows
+            keys = [_squash(cell) if isinstance(cell, str) else "" for cell in row]
+            if all(key in keys for key in form.required):
+                return name, number, _positions(keys, path, source, name, number, form), rows
     where = f"sheet {wanted!r} does not have" if wanted is not None else "no sheet has"
     raise SourceFileError(
         str(path),
-        f"{where} the expected header row (MRN, Date of Birth, ...) within its first "
+        f"{where} the expected header row ({form.labels}, ...) within its first "
         f"{HEADER_SEARCH_ROWS} rows; fix the header names or name the sheet to read",
         source=source,
     )
 
 
-def _positions(keys: list[str], path: Path, source: str, sheet: str, row: int) -> dict[int, str]:
+def _positions(keys: list[str], path: Path, source: str, sheet: str, row: int,
+               form: _Form) -> dict[int, str]:
     positions: dict[int, str] = {}
     for index, key in enumerate(keys):
-        column = _KEYS.get(key)
+        column = form.keys.get(key)
         if column is None:
             continue
         if column in positions.values():
@@ -602,7 +667,7 @@ def _positions(keys: list[str], path: Path, source: str, sheet: str, row: int) -
 
 def _batches(located: _Located, batch_rows: int) -> Iterator[pa.Table]:
     index_of = {column: index for index, column in located.positions.items()}
-    picks = [index_of.get(column) for column in COLUMNS]
+    picks = [index_of.get(column) for column in located.form.columns]
     keys = files.DuplicateKeys()
     pending: list[Sequence[Cell]] = []
     refs: list[str] = []
@@ -612,10 +677,10 @@ def _batches(located: _Located, batch_rows: int) -> Iterator[pa.Table]:
         pending.append(row)
         refs.append(f"{located.ref_prefix}:row={number}")
         if len(pending) >= batch_rows:
-            yield _table(pending, picks, refs, keys)
+            yield _table(pending, picks, refs, keys, located.form)
             pending, refs = [], []
     if pending:
-        yield _table(pending, picks, refs, keys)
+        yield _table(pending, picks, refs, keys, located.form)
 
 
 def cell_text(value: Cell) -> str | None:
@@ -640,11 +705,12 @@ def cell_text(value: Cell) -> str | None:
 
 
 def _table(
-    rows: list[Sequence[Cell]], picks: list[int | None], refs: list[str], keys: files.DuplicateKeys
+    rows: list[Sequence[Cell]], picks: list[int | None], refs: list[str],
+    keys: files.DuplicateKeys, form: _Form
 ) -> pa.Table:
     """Build the batch column by column: one pass per column is faster than one per cell."""
     arrays = [_column(rows, index) for index in picks]
-    return files.batch_table(SCHEMA, arrays, refs, keys, key=COLUMNS.index("mrn"))
+    return files.batch_table(form.schema, arrays, refs, keys, key=form.key)
 
 
 def _column(rows: list[Sequence[Cell]], index: int | None) -> pa.Array:

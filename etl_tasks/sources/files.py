@@ -46,13 +46,28 @@ def text_schema(columns: Sequence[str]) -> pa.Schema:
 
 
 def batch_table(
-    schema: pa.Schema, arrays: list[pa.Array], refs: list[str], keys: DuplicateKeys, key: int
+    schema: pa.Schema, arrays: list[pa.Array], refs: list[str], keys: DuplicateKeys,
+    key: int | tuple[int, ...]
 ) -> pa.Table:
-    """One batch of `schema` from its data columns and the rows' refs; `arrays[key]` holds
-    the file's row key, checked against every earlier row of the file by `keys`."""
-    duplicates = keys.flags(arrays[key].to_pylist())
+    """One batch of `schema` from its data columns and the rows' refs; `arrays[key]` (or the
+    arrays at several positions together) holds the file's row key, checked against every
+    earlier row of the file by `keys`. No key: no row is flagged."""
+    duplicates = keys.flags(_key_texts(arrays, key))
     arrays = [*arrays, pa.array(refs, pa.string()), pa.array(duplicates, pa.bool_())]
     return pa.Table.from_arrays(arrays, schema=schema)
+
+
+def _key_texts(arrays: list[pa.Array], key: int | tuple[int, ...]) -> list[str | None]:
+    if isinstance(key, int) or len(key) == 1:
+        texts: list[str | None] = arrays[key if isinstance(key, int) else key[0]].to_pylist()
+        return texts
+    if not key:
+        return [None] * len(arrays[0])
+    # A composite key as one text; the unit separator does not occur in keys, and a row
+    # with every part blank has no key.
+    parts = [arrays[i].to_pylist() for i in key]
+    return [None if all(not (p or "").strip() for p in row)
+            else "\x1f".join((p or "").strip() for p in row) for row in zip(*parts, strict=True)]
 
 
 class DuplicateKeys:

@@ -6,7 +6,9 @@ stripping and typing belong to the transform.
 
 The layout is configuration, so a new partner is a config entry: `record` is the local name of
 the record element and `fields` maps output columns to simple paths below it (`Patient/Id`,
-`Test/@code`, `Test` for its text), matched by local name in any namespace or none.
+`Test/@code`, `Test` for its text, `@id` for the record's own attribute), matched by local
+name in any namespace or none. The output columns are the lab results' (COLUMNS) unless the
+source's dataset declares its own (`columns`, then a field's default path is its name).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import codecs
 import logging
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -75,12 +77,18 @@ def iter_batches(
     record: str = DEFAULT_RECORD,
     fields: Mapping[str, str] | None = None,
     on_truncated: OnTruncated = "quarantine_file",
+    columns: Sequence[str] = COLUMNS,
+    duplicate_key: Sequence[str] | None = None,
     **layout: Any,
 ) -> Iterator[pa.Table]:
-    """Yield the file's `record` elements as tables of at most `batch_rows` rows (SCHEMA).
+    """Yield the file's `record` elements as tables of at most `batch_rows` rows (SCHEMA, or
+    the text schema of `columns`).
 
-    `fields` maps output columns to paths below the record (default DEFAULT_FIELDS); columns it
-    leaves out are null. Memory stays flat: each record is cleared from the tree once read.
+    `fields` maps output columns to paths below the record (default DEFAULT_FIELDS, or each
+    column's own name for other `columns`); columns it leaves out are null. A record whose
+    `duplicate_key` values were on an earlier record of the file is flagged `_duplicate`
+    (default: ResultId for the lab results' columns).
+    Memory stays flat: each record is cleared from the tree once read.
     When the XML breaks off (truncated or damaged; a parser cannot tell the two apart), the
     complete records before the break have already been yielded; then with `on_truncated`
     "quarantine_file" SourceFileError names the line (the caller discards what it got), with
@@ -91,7 +99,11 @@ def iter_batches(
         raise ValueError("batch_rows must be at least 1")
     if layout:
         raise FatalError(f"unknown layout options for an XML feed: {sorted(layout)}", source=source)
-    compiled = _compile_layout(record, fields, on_truncated, source)
+    columns = tuple(columns)
+    if duplicate_key is None:
+        duplicate_key = ("result_id",) if columns == COLUMNS else ()
+    compiled = _compile_layout(record, fields, on_truncated, source, columns,
+                               tuple(duplicate_key))
     try:
         yield from _read(path, batch_rows, source, compiled)
     except EtlError:
@@ -137,7 +149,8 @@ def _read(path: Path, batch_rows: int, source: str, layout: _Layout) -> Iterator
     if _prolog_declares_entities(path):
         _refuse(path, source)
     keys = files.DuplicateKeys()
-    columns: list[list[str | None]] = [[] for _ in COLUMNS]
+    width = len(layout.columns)
+    columns: list[list[str | None]] = [[] for _ in range(width)]
     refs: list[str] = []
     number = 0
     checked = False
@@ -163,7 +176,7 @@ def _read(path: Path, batch_rows: int, source: str, layout: _Layout) -> Iterator
                     _refuse_entities(elem.getroottree().docinfo, path, source)
                     checked = True
                 number += 1
-                values: list[str | None] = [None] * len(COLUMNS)
+                values: list[str | None] = [None] * width
                 for name, attribute_column in record_attributes:
                     values[attribute_column] = elem.get(name)
                 _fill(values, elem, fields)
@@ -172,15 +185,15 @@ def _read(path: Path, batch_rows: int, source: str, layout: _Layout) -> Iterator
                     column.append(value)
                 refs.append(f"{path.name}#record={number}")
                 if len(refs) >= batch_rows:
-                    yield _table(columns, refs, keys)
-                    columns = [[] for _ in COLUMNS]
+                    yield _table(columns, refs, keys, layout)
+                    columns = [[] for _ in range(width)]
                     refs = []
         except etree.XMLSyntaxError as exc:
             failure = exc
         if not checked and events.root is not None:
             _refuse_entities(events.root.getroottree().docinfo, path, source)
     if refs:
-        yield _table(columns, refs, keys)
+        yield _table(columns, refs, keys, layout)
     if failure is not None:
         if layout.on_truncated == "keep_complete_records" and number > 0:
             line, at_column = _error_position(failure)
@@ -267,6 +280,10 @@ class _Layout:
     fields: _Fields
     record_attributes: tuple[tuple[str, int], ...]
     on_truncated: OnTruncated
+    columns: tuple[str, ...]
+    schema: pa.Schema
+    key: tuple[int, ...]
+    """Positions of the columns whose repeat within the file is flagged."""
 
 
 class _Node:
@@ -291,7 +308,8 @@ class _Node:
 
 
 def _compile_layout(
-    record: str, fields: Mapping[str, str] | None, on_truncated: str, source: str
+    record: str, fields: Mapping[str, str] | None, on_truncated: str, source: str,
+    columns: tuple[str, ...] = COLUMNS, duplicate_key: tuple[str, ...] = ("result_id",),
 ) -> _Layout:
     """Check the layout options and turn the field paths into a lookup tree."""
 
@@ -303,13 +321,15 @@ def _compile_layout(
     if on_truncated not in get_args(OnTruncated):
         raise bad(f"on_truncated must be one of {list(get_args(OnTruncated))}")
     if fields is None:
-        fields = DEFAULT_FIELDS
+        fields = DEFAULT_FIELDS if columns == COLUMNS else {name: name for name in columns}
+    if unknown := [name for name in duplicate_key if name not in columns]:
+        raise bad(f"the duplicate key names {unknown}, which are not output columns")
     if not isinstance(fields, Mapping) or not fields:
         raise bad("fields must map output columns to paths below the record")
     root = _Node()
     for column, path in fields.items():
-        if column not in COLUMNS:
-            raise bad(f"fields names {column!r}, which is not an output column ({COLUMNS})")
+        if column not in columns:
+            raise bad(f"fields names {column!r}, which is not an output column ({columns})")
         if not isinstance(path, str):
             raise bad(f"the path of {column!r} must be text like 'Patient/Id' or 'Test/@code'")
         steps = path.split("/")
@@ -320,7 +340,7 @@ def _compile_layout(
                 f"the path of {column!r} ({path!r}) must be local names separated by '/', "
                 "optionally ending in @attribute"
             )
-        index = COLUMNS.index(column)
+        index = columns.index(column)
         node = root
         for name in steps:
             node = node.children.setdefault(name, _Node())
@@ -335,6 +355,9 @@ def _compile_layout(
         fields=root.freeze(),
         record_attributes=tuple(root.attributes),
         on_truncated=on_truncated,  # type: ignore[arg-type]
+        columns=columns,
+        schema=SCHEMA if columns == COLUMNS else files.text_schema(columns),
+        key=tuple(columns.index(name) for name in duplicate_key),
     )
 
 
@@ -366,9 +389,10 @@ def _release(elem: Any) -> None:
             del parent[0]
 
 
-def _table(columns: list[list[str | None]], refs: list[str], keys: files.DuplicateKeys) -> pa.Table:
+def _table(columns: list[list[str | None]], refs: list[str], keys: files.DuplicateKeys,
+           layout: _Layout) -> pa.Table:
     arrays = [pa.array(values, pa.string()) for values in columns]
-    return files.batch_table(SCHEMA, arrays, refs, keys, key=COLUMNS.index("result_id"))
+    return files.batch_table(layout.schema, arrays, refs, keys, key=layout.key)
 
 
 def _error_position(exc: Any) -> tuple[int, int]:

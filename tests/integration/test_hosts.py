@@ -41,6 +41,7 @@ from etl_tasks.api import RunHandle, run_source
 from etl_tasks.celery import app
 from etl_tasks.demo_data import generate_claims, make_billing_db
 from etl_tasks.local_services import FirebirdServer
+from etl_tasks.resources import get_resources
 from etl_tasks.runs import state
 from etl_tasks.sealing import new_key
 from etl_tasks.sources.firebird import FirebirdTarget
@@ -274,7 +275,8 @@ def hosts_up(root: Path) -> Iterator[tuple[Hosts, World]]:
         # This process is a client host too, with the loader's settings (`docker compose
         # exec loader etl ...`), reaching svc through its leg on the bridge.
         client = cluster.role("client", "loader")
-        point_process_at({**saved, **client.env})
+        point_process_at({**{k: v for k, v in saved.items() if not k.startswith("ETL_")},
+                          **client.env})
         target = FirebirdTarget(dsn=dsn, user="SYSDBA",
                                 password=PASSWORDS["FIREBIRD_PASSWORD"],
                                 runtime_dir=Path(client.env["ETL_FIREBIRD_RUNTIME_DIR"]))
@@ -310,8 +312,6 @@ def extracting(node: str, run_id: str) -> list[str]:
 
 def finished(run_id: str, units: list[str]) -> bool:
     """Every chunk of every one of `units` committed by the loader."""
-    from etl_tasks.resources import get_resources
-
     r = get_resources().redis
     of_unit = state.chunk_units(r, run_id)
     done = state.done_chunks(r, run_id)
