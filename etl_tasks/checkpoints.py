@@ -87,6 +87,11 @@ def loaded_file_rows(r: redis.Redis, source: str, sha256: str) -> int | None:
     return int(value) if value is not None else None
 
 
+def loaded_file_count(r: redis.Redis, source: str) -> int:
+    """How many files (distinct contents) of a file source are loaded."""
+    return int(r.hlen(f"etl:files:{source}"))
+
+
 def mark_file_loaded(r: redis.Redis, source: str, sha256: str, rows: int) -> None:
     r.hset(f"etl:files:{source}", sha256, rows)
 

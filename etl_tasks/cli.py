@@ -57,6 +57,7 @@ def demo_data(
                                   lab_records=lab_records, reg_rows=reg_rows)
     err.print(f"Demo data ready in {time.monotonic() - started:.1f}s: "
               f"{manifest['billing']['rows']:,} claims, {len(manifest['lab_feeds'])} lab feeds, "
+              f"{len(manifest['partner_feeds'])} second-partner feeds, "
               f"{len(manifest['registrations'])} registration workbooks "
               f"(manifest: {demo_dir / 'manifest.json'})")
 
@@ -290,6 +291,48 @@ def reconcile(
         for line in b.explanations:
             err.print(f"{b.source}: {line}")
     raise typer.Exit(1 if bad else 0)
+
+
+@cli.command("sources")
+def sources_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sources as JSON.")] = False,
+) -> None:
+    """The configured sources: kind, table or inbox, dataset and target table, columns (where
+    each is read from and its type), natural key and version, schedule and checkpoint (key
+    and updated marks, or files loaded). Checkpoints are left out, with a note, when Redis
+    cannot be reached."""
+    from redis import RedisError
+
+    from etl_tasks.catalog import describe
+    from etl_tasks.resources import get_resources
+
+    res = get_resources()
+    try:
+        res.redis.ping()
+        found = describe(res.pipeline, res.settings, res.redis)
+    except RedisError as exc:
+        err.print(f"[yellow]Redis unreachable ({type(exc).__name__}): checkpoints not "
+                  "shown[/yellow]")
+        found = describe(res.pipeline, res.settings, None)
+    if as_json:
+        print(json.dumps(found, indent=2))
+        return
+    table = Table(title="Sources")
+    for col in ("source", "kind", "reads", "into", "key (version)", "schedule", "checkpoint"):
+        table.add_column(col)
+    for s in found:
+        mark = s["checkpoint"]
+        table.add_row(s["name"], s["kind"], s.get("table") or s.get("inbox"),
+                      s["target_table"] if s["dataset"] == s["target_table"]
+                      else f"{s['target_table']} ({s['dataset']})",
+                      f"{', '.join(s['key']) or '(whole row)'} ({s['version'] or '-'})",
+                      s["schedule"], "-" if mark is None else ", ".join(
+                          f"{k} {'-' if v is None else v}" for k, v in mark.items()))
+    out.print(table)
+    for s in found:
+        listed = ", ".join(f"{c['name']} <- {c['from']}" + (f" ({c['type']})" if c["type"]
+                                                            else "") for c in s["columns"])
+        out.print(f"[bold]{s['name']}[/bold] columns: {escape(listed)}", soft_wrap=True)
 
 
 @cli.command()

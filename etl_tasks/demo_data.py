@@ -1,4 +1,4 @@
-"""The demo sources: a Firebird billing database, lab feed XML, registration Excel.
+"""The demo sources: a Firebird billing database, two partners' lab feed XML, registration Excel.
 
 The billing database is an embedded database file by default, or made through a Firebird
 server when the target is a server DSN (`ETL_FIREBIRD_DSN=host/port:path`).
@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -104,21 +105,34 @@ def make_billing_db(target: FirebirdTarget, claims: int) -> None:
 
 def make_demo_data(demo_dir: Path, target: FirebirdTarget, *, claims: int,
                    lab_files: int = 4, lab_records: int = 500, reg_files: int = 3,
-                   reg_rows: int = 300) -> dict[str, Any]:
-    """Write all three demo sources under `demo_dir` and a manifest of what was planted."""
-    from etl_tasks.demo_files import write_lab_feeds, write_registrations
+                   reg_rows: int = 300, partner_files: int = 2,
+                   partner_records: int = 400) -> dict[str, Any]:
+    """Write every demo source under `demo_dir` and a manifest of what was planted."""
+    from etl_tasks.demo_files import (
+        FileManifest,
+        write_lab_feeds,
+        write_partner_feeds,
+        write_registrations,
+    )
 
     demo_dir.mkdir(parents=True, exist_ok=True)
     make_billing_db(target, claims)
     manifest: dict[str, Any] = {
         "billing": {"rows": claims, "defects": expected_claim_defects(1, claims)}}
-    for name in ("lab_feeds", "registrations"):
+    writers: dict[str, Callable[[Path], list[FileManifest]]] = {
+        "lab_feeds": lambda inbox: write_lab_feeds(inbox, files=lab_files,
+                                                   records_per_file=lab_records),
+        "registrations": lambda inbox: write_registrations(inbox, files=reg_files,
+                                                           rows_per_file=reg_rows),
+        # The second lab partner (source partner_labs), its layout and rules configured.
+        "partner_feeds": lambda inbox: write_partner_feeds(inbox, files=partner_files,
+                                                           records_per_file=partner_records),
+    }
+    for name, write in writers.items():
         inbox = demo_dir / name
         shutil.rmtree(inbox, ignore_errors=True)
         inbox.mkdir(parents=True)
-        written = (write_lab_feeds(inbox, files=lab_files, records_per_file=lab_records)
-                   if name == "lab_feeds" else
-                   write_registrations(inbox, files=reg_files, rows_per_file=reg_rows))
+        written = write(inbox)
         manifest[name] = [asdict(m) for m in written]
         # The files were written whole (temporary name, then rename): date them past any
         # inbox settle time so that a run right after generation takes them.

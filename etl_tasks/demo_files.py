@@ -1,5 +1,9 @@
 """Synthetic demo inputs with planted defects: partner lab feeds (XML) and registration uploads.
 
+Two lab partners: ACME's feeds (the built-in lab_results layout and rules) and Northside's,
+whose layout and rules are configuration only (`partner_labs` and its dataset
+`partner_observations` in etl_tasks/pipeline.toml).
+
 A defective record carries exactly one defect, so a manifest's defect counts are exactly the rows
 the validation rules of DESIGN.md quarantine; every other record loads, however awkward its
 layout. Output is deterministic for a seed, byte for byte. All identifiers and people are made up.
@@ -33,6 +37,12 @@ REGISTRATION_DEFECTS = (
 DEFECT_RATE = 0.04
 """Share of records that carry a planted defect."""
 LAB_NAMESPACE = "urn:example:lab:v1"
+PARTNER_DEFECTS = (
+    "duplicate_observation_id", "missing_mrn", "bad_mrn", "future_birth_date", "bad_loinc",
+    "value_out_of_range", "non_numeric_value", "bad_fasting", "reported_before_collected",
+    "bad_status",
+)  # fmt: skip
+PARTNER_NAMESPACE = "urn:example:northside:v2"
 
 
 @dataclass(frozen=True)
@@ -202,6 +212,94 @@ def _timestamp(rng: random.Random, moment: dt.datetime) -> str:
     if not offset:
         return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
     return moment.astimezone(dt.timezone(offset)).isoformat(timespec="seconds")
+
+
+# --- a second lab partner, another layout ---------------------------------------------------
+
+_PARTNER_STATUSES = ("final",) * 8 + ("preliminary", "corrected")
+
+
+def write_partner_feeds(
+    inbox: Path, *, files: int = 2, records_per_file: int = 400, seed: int = 13
+) -> list[FileManifest]:
+    """Write Northside's `northside_001.xml`... into `inbox` and return what each file holds.
+
+    Northside names things its own way: an `Observation` record with its id and status as
+    attributes, the MRN and birth date under `Subject`, the LOINC code as an attribute of
+    `Code`, value and unit as attributes of `Quantity`, a `Fasting` flag and both times
+    under `Times`, all in a prefixed namespace.
+    """
+    rng = random.Random(seed)
+    inbox.mkdir(parents=True, exist_ok=True)
+    manifests = []
+    offset = 0
+    for index in range(files):
+        plan = _plan_defects(rng, records_per_file, PARTNER_DEFECTS, offset)
+        offset += len(plan)
+        name = f"northside_{index + 1:03d}.xml"
+        lines = _partner_lines(rng, index + 1, records_per_file, plan)
+        _write_atomically(inbox / name, _encode(lines, "utf-8"))
+        manifests.append(FileManifest(name, records_per_file, dict(Counter(plan.values()))))
+    return manifests
+
+
+def _partner_lines(
+    rng: random.Random, file_no: int, records: int, plan: dict[int, str]
+) -> Iterable[str]:
+    yield '<?xml version="1.0" encoding="UTF-8"?>\n'
+    yield "<!-- Synthetic demo data: no real patients. -->\n"
+    yield (f"<nd:Delivery xmlns:nd={quoteattr(PARTNER_NAMESPACE)} sender=\"NORTHSIDE-DX\" "
+           'sent="2026-11-20T07:00:00Z">\n')
+    valid_ids: list[str] = []
+    for n in range(1, records + 1):
+        defect = plan.get(n)
+        observation_id = f"NS-{file_no:03d}-{n:06d}"
+        if defect == "duplicate_observation_id":
+            observation_id = rng.choice(valid_ids)
+        elif defect is None:
+            valid_ids.append(observation_id)
+        yield _observation_xml(rng, observation_id, defect)
+    yield "</nd:Delivery>\n"
+
+
+def _observation_xml(rng: random.Random, observation_id: str, defect: str | None) -> str:
+    code, name, unit, low, high, decimals = rng.choice(_TESTS)
+    value = f"{rng.uniform(low * 0.7, high * 1.3):.{decimals}f}"
+    collected = _FEED_START + dt.timedelta(minutes=rng.randint(0, 3 * 24 * 60))
+    reported = collected + dt.timedelta(minutes=rng.randint(20, 36 * 60))
+    collected_at, reported_at = _timestamp(rng, collected), _timestamp(rng, reported)
+    mrn: str | None = f"{rng.randint(10_000_000, 99_999_999)}"
+    born = (dt.date(1930, 1, 1) + dt.timedelta(days=rng.randint(0, 32_500))).isoformat()
+    status = rng.choice(_PARTNER_STATUSES)
+    fasting = rng.choice(("yes", "no", "true", "false", "Y", "N"))
+    if defect == "missing_mrn":
+        mrn = rng.choice((None, "", "  "))
+    elif defect == "bad_mrn":
+        mrn = rng.choice(("MRN-1234", "1234567", "123456789", "1234567O"))
+    elif defect == "future_birth_date":
+        born = dt.date(2099, rng.randint(1, 12), rng.randint(1, 28)).isoformat()
+    elif defect == "bad_loinc":
+        code = rng.choice(("2345", "GLU", "LP-1234", "123456-7"))
+    elif defect == "value_out_of_range":
+        value = rng.choice(("-1.5", "-0.001", "250000"))
+    elif defect == "non_numeric_value":
+        value = rng.choice(("positive", "<0.5", "5..4", "1.2345"))
+    elif defect == "bad_fasting":
+        fasting = rng.choice(("sometimes", "?", "unknown"))
+    elif defect == "reported_before_collected":
+        reported_at = _timestamp(rng, collected - dt.timedelta(minutes=rng.randint(5, 600)))
+    elif defect == "bad_status":
+        status = rng.choice(("done", "amended", "F"))
+    subject = "" if mrn is None else f"<nd:Mrn>{escape(mrn)}</nd:Mrn>"
+    return (f"  <nd:Observation id={quoteattr(observation_id)} status={quoteattr(status)}>\n"
+            f"    <nd:Subject>{subject}<nd:Born>{born}</nd:Born></nd:Subject>\n"
+            f'    <nd:Code system="http://loinc.org" code={quoteattr(code)}>{escape(name)}'
+            "</nd:Code>\n"
+            f"    <nd:Quantity value={quoteattr(value)} unit={quoteattr(unit)}/>\n"
+            f"    <nd:Fasting>{fasting}</nd:Fasting>\n"
+            f"    <nd:Times><nd:Collected>{collected_at}</nd:Collected>"
+            f"<nd:Reported>{reported_at}</nd:Reported></nd:Times>\n"
+            "  </nd:Observation>\n")
 
 
 # --- patient registration uploads ---------------------------------------------------------

@@ -10,8 +10,15 @@ import pyarrow as pa
 import pytest
 from python_calamine import CalamineWorkbook
 
-from etl_tasks import demo_files
-from etl_tasks.demo_files import LAB_DEFECTS, REGISTRATION_DEFECTS, FileManifest
+from etl_tasks import datasets, demo_files
+from etl_tasks.config import Settings, load_pipeline
+from etl_tasks.datasets import DatasetSpec
+from etl_tasks.demo_files import (
+    LAB_DEFECTS,
+    PARTNER_DEFECTS,
+    REGISTRATION_DEFECTS,
+    FileManifest,
+)
 from etl_tasks.sources import excel, xml_feed
 from etl_tasks.transform import Dataset, transform_chunk
 
@@ -35,6 +42,19 @@ REGISTRATION_REASONS = {
     "zip: must be exactly 5 digits": "bad_zip",
     "registration_date: must be a date": "bad_registration_date",
 }
+# The second partner's rules are configuration (etl_tasks/pipeline.toml, partner_labs).
+PARTNER_REASONS = {
+    "observation_id: duplicate within file": "duplicate_observation_id",
+    "mrn: required": "missing_mrn",
+    "mrn: must be 8 digits": "bad_mrn",
+    "birth_date: must be from 1900-01-01 to today": "future_birth_date",
+    "loinc: must be a LOINC code": "bad_loinc",
+    "value: must be from 0 to 100000": "value_out_of_range",
+    "value: must be a decimal number": "non_numeric_value",
+    "fasting: must be true or false": "bad_fasting",
+    "reported_at: must not be before collected_at": "reported_before_collected",
+    "status: must be one of": "bad_status",
+}
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +72,26 @@ def registrations(inbox: Path) -> list[FileManifest]:
     return demo_files.write_registrations(inbox)
 
 
+@pytest.fixture(scope="module")
+def partner(inbox: Path) -> list[FileManifest]:
+    return demo_files.write_partner_feeds(inbox)
+
+
 def read(path: Path) -> pa.Table:
     reader = xml_feed if path.suffix == ".xml" else excel
     return pa.concat_tables(reader.iter_batches(path, batch_rows=128, source="demo"))
 
 
+def partner_source() -> tuple[dict[str, object], DatasetSpec]:
+    """The packaged config's partner_labs: its reader layout and its dataset."""
+    config = load_pipeline(Settings(pipeline_config=None))
+    source = config.source("partner_labs")
+    spec = datasets.spec_for(config, source)
+    return {**source.layout, **spec.reader_options("xml")}, spec
+
+
 def quarantined_kinds(
-    dataset: Dataset, table: pa.Table, reasons: dict[str, str]
+    dataset: Dataset | DatasetSpec, table: pa.Table, reasons: dict[str, str]
 ) -> tuple[Counter[str], int]:
     """Defect kinds behind the quarantined rows (one reason each), and the valid row count."""
     result = transform_chunk(dataset, table)
@@ -106,9 +139,25 @@ def test_planted_registration_defects_are_exactly_the_quarantined_rows(inbox, re
         assert valid == manifest.rows - sum(manifest.defects.values())
 
 
-def test_every_defect_kind_is_planted_across_the_default_files(lab, registrations):
+def test_planted_partner_defects_are_exactly_what_its_configured_rules_quarantine(inbox,
+                                                                                   partner):
+    """The second partner's files, read with the packaged config's layout and judged by its
+    configured dataset: one quarantined row per planted defect, for that defect."""
+    layout, spec = partner_source()
+    for manifest in partner:
+        table = pa.concat_tables(xml_feed.iter_batches(inbox / manifest.name, batch_rows=128,
+                                                       source="demo", **layout))
+        assert table.num_rows == manifest.rows
+        assert table["_source_ref"][0].as_py() == f"{manifest.name}#record=1"
+        kinds, valid = quarantined_kinds(spec, table, PARTNER_REASONS)
+        assert kinds == Counter(manifest.defects), manifest.name
+        assert valid == manifest.rows - sum(manifest.defects.values())
+
+
+def test_every_defect_kind_is_planted_across_the_default_files(lab, registrations, partner):
     """Defect kinds are spread over the files, so each default file shows most of them."""
-    for manifests, kinds in ((lab, LAB_DEFECTS), (registrations, REGISTRATION_DEFECTS)):
+    for manifests, kinds in ((lab, LAB_DEFECTS), (registrations, REGISTRATION_DEFECTS),
+                             (partner, PARTNER_DEFECTS)):
         assert set().union(*(m.defects for m in manifests)) == set(kinds)
         assert all(len(m.defects) >= 5 for m in manifests)
         assert all(0 < sum(m.defects.values()) < m.rows // 10 for m in manifests)
