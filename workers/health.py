@@ -69,12 +69,10 @@ def check_worker(role: str) -> str:
 def check_beat() -> str:
     if not local_pids("beat"):
         raise Unhealthy("no `python -m workers.beat` process on this host")
-    from etl_tasks.config import get_settings
-    from etl_tasks.redis_conn import conn_from
+    from etl_tasks.resources import get_resources
 
-    conn = conn_from(get_settings())
-    conn.client(socket_timeout=PING_TIMEOUT_S, socket_connect_timeout=PING_TIMEOUT_S).ping()
-    return f"beat runs; Redis at {conn.where} answers"
+    get_resources().redis.ping()  # the settings' Redis: password, TLS, Sentinel's master
+    return "beat runs; Redis answers"
 
 
 def check_http(url: str) -> str:
