@@ -1,8 +1,9 @@
 """Source checkpoints in Redis, advanced only after a committed load, rebuilt from the ledger.
 
-Firebird keeps a key high-water mark (every key at or below it is committed) and an updated
-mark (every row at or below the key mark whose UPDATED_AT is at or before it is stored in
-that version); file sources keep the content hashes of files already loaded (with their row
+Firebird keeps a key high-water mark (every key at or below it is committed; for a key cut
+at sampled boundaries, the sealed token of that key) and an updated mark (every row at or
+below the key mark whose UPDATED_AT is at or before it is stored in that version); file
+sources keep the content hashes of files already loaded (with their row
 counts, reported as skipped when the same content comes again). Redis may lose all of this;
 a marker key tells that it did, and `rebuild` derives every checkpoint from the DuckDB ledger
 before the next plan, so nothing committed is read as new and nothing new is skipped.
@@ -37,8 +38,14 @@ def key_high_water(r: redis.Redis, source: str) -> int:
     return int(value) if value is not None else 0
 
 
+def sampled_high_water(r: redis.Redis, source: str) -> str:
+    """The key mark of a key cut at sampled boundaries: the sealed token of the last key
+    committed (runs/bounds.py), "" before the first commit."""
+    return _text(r.hget(_key(source), "key_sampled")) or ""
+
+
 def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str],
-                updated_to: str | None) -> int:
+                updated_to: str | None) -> int | str:
     """Move the key mark over the contiguous prefix of the run's committed ranges.
 
     Ranges load in parallel and commit in any order; a gap (a range not committed yet, or
@@ -46,6 +53,8 @@ def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str],
     advance of a source also sets its updated mark to the plan's UPDATED_AT maximum: the
     ranges were read after it, so no later failure can hide an update below the mark.
     """
+    if any(u.sampled for u in units if u.kind == "range"):
+        return _advance_sampled(r, source, units, done, updated_to)
     mark = key_high_water(r, source)
     # In key order: a range split in halves (runs/split.py) is two ranges in its place.
     ranges = sorted((u for u in units if u.kind == "range"), key=lambda u: u.lo)
@@ -55,11 +64,33 @@ def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str],
         if unit.unit_id not in done:
             break
         mark = max(mark, unit.hi)
+    _store_mark(r, source, "key", mark, updated_to)
+    return mark
+
+
+def _store_mark(r: redis.Redis, source: str, field: str, mark: int | str,
+                updated_to: str | None) -> None:
     with r.pipeline() as p:
-        p.hset(_key(source), "key", mark)
+        p.hset(_key(source), field, mark)
         if updated_to:
             p.hsetnx(_key(source), "updated", updated_to)
         p.execute()
+
+
+def _advance_sampled(r: redis.Redis, source: str, units: list[Unit], done: set[str],
+                     updated_to: str | None) -> str:
+    """advance_key for sampled ranges: they are planned in key order, each starting at the
+    token the previous one ends with, the first at the mark; so the mark walks the plan's
+    order by token equality, never comparing keys (Python's order is not Firebird's)."""
+    mark = sampled_high_water(r, source)
+    ranges = [u for u in units if u.kind == "range"]
+    if not ranges or ranges[0].text_lo != mark:
+        return mark  # this run's ranges do not start at the mark (an older run, --full)
+    for unit in ranges:
+        if unit.unit_id not in done:
+            break
+        mark = unit.text_hi
+    _store_mark(r, source, "key_sampled", mark, updated_to)
     return mark
 
 
@@ -130,12 +161,32 @@ def prefix_mark(ranges: list[tuple[int, int, datetime | None]],
     return mark, (min(known) if known and len(known) == len(newest) else None)
 
 
+def sampled_prefix_mark(ranges: list[tuple[str, str, datetime | None]]
+                        ) -> tuple[str, datetime | None]:
+    """prefix_mark for sampled ranges (lo token, hi token, version; in commit order): the
+    chain of committed ranges from the first key, each starting at the token the previous
+    one ended with (later commits win a fork, e.g. a --full run's new boundaries)."""
+    following: dict[str, tuple[str, datetime | None]] = {}
+    for lo, hi, version in ranges:
+        following[lo] = (hi, version)
+    mark, versions, seen = "", [], set()
+    while mark in following and mark not in seen:
+        seen.add(mark)
+        mark, version = following[mark]
+        versions.append(version)
+    if not versions or any(v is None for v in versions):
+        return mark, None
+    return mark, min(v for v in versions if v is not None)
+
+
 def restore(r: redis.Redis, source: str, key_mark: int, updated: datetime | None,
-            files: dict[str, int]) -> None:
+            files: dict[str, int], sampled_mark: str = "") -> None:
     """Write a source's checkpoints rebuilt from the ledger (replacing what Redis has)."""
     with r.pipeline() as p:
         p.delete(_key(source), f"etl:files:{source}")
         p.hset(_key(source), "key", key_mark)
+        if sampled_mark:
+            p.hset(_key(source), "key_sampled", sampled_mark)
         if updated is not None:
             p.hset(_key(source), "updated", updated.isoformat())
         if files:

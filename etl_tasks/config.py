@@ -176,10 +176,22 @@ class SourceConfig(BaseModel):
     dataset_name: str | None = Field(default=None, alias="dataset")
     """`dataset = "..."`: the dataset (columns, rules, key, version) the rows are: a
     `[[datasets]]` entry or a built-in. Default: by kind (datasets.dataset_of)."""
-    key_column: str = "CLAIM_ID"
-    """Firebird only: the integer key the work is cut along."""
-    updated_column: str = "UPDATED_AT"
-    """Firebird only: the timestamp that moves when a row changes (re-loaded as an upsert)."""
+    key_column: str = ""
+    """Firebird only: the column the work is cut along and, with no dataset named, the
+    natural key of the upsert. Integer keys are cut into ranges of `chunk_size` keys, any
+    other (text such as an MRN or a GUID, a date) at boundaries sampled from the table.
+    Empty: no key; the table is read whole each run (the upsert keeps it from doubling).
+    BILLING_CLAIMS defaults to CLAIM_ID."""
+    updated_column: str = ""
+    """Firebird only: the column that moves when a row changes (rows changed since the last
+    run are read again and upserted); empty: none. BILLING_CLAIMS defaults to UPDATED_AT."""
+    charset: str = Field(default="", pattern=r"^[A-Za-z0-9_]*$")
+    """Firebird only: the character set the table's text is in, by its Firebird name
+    (WIN1252, ISO8859_1, UTF8...). Empty: the one its text columns declare (UTF8 when they
+    declare none, as in a database created with NONE). Set it for a NONE database whose
+    applications wrote another one; bytes not valid in it quarantine their row."""
+    exclude_columns: list[str] = Field(default_factory=list)
+    """Firebird only: columns not to read (a binary blob the pipeline cannot carry)."""
     lookback_s: float = Field(default=300.0, ge=0)
     """Firebird only: each run re-reads rows updated this long before the last mark."""
     settle_s: float = Field(default=5.0, ge=0)
@@ -193,6 +205,11 @@ class SourceConfig(BaseModel):
     thresholds: dict[str, Any] = Field(default_factory=dict)
     """Overrides of the pipeline's `[thresholds]` for this source."""
 
+    @field_validator("exclude_columns")
+    @classmethod
+    def _identifiers(cls, values: list[str]) -> list[str]:
+        return [cls._identifier(value) for value in values]
+
     @field_validator("target_table", "key_column", "updated_column")
     @classmethod
     def _identifier(cls, value: str) -> str:
@@ -201,10 +218,23 @@ class SourceConfig(BaseModel):
             raise ValueError("must be letters, digits and underscores")
         return value
 
+    @model_validator(mode="before")
+    @classmethod
+    def _claims_defaults(cls, data: Any) -> Any:
+        # Configs written before any table could be configured name only BILLING_CLAIMS and
+        # rely on its key and change column.
+        if (isinstance(data, dict) and data.get("kind") == "firebird"
+                and str(data.get("location", "")).upper() == "BILLING_CLAIMS"):
+            return {"key_column": "CLAIM_ID", "updated_column": "UPDATED_AT", **data}
+        return data
+
     @model_validator(mode="after")
     def _table_location(self) -> SourceConfig:
         if self.kind == "firebird" and not self.location.replace("_", "").isalnum():
             raise ValueError("a firebird source's location is a table name (letters, digits, _)")
+        if self.kind == "firebird" and self.updated_column and not self.key_column:
+            raise ValueError(f"source {self.name}: updated_column needs a key_column (which "
+                             "stored row would a changed row replace?)")
         return self
 
     @property

@@ -14,15 +14,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
+import pyarrow as pa
+
 from etl_tasks import checkpoints, datasets, faults, staging
 from etl_tasks.config import SourceConfig
 from etl_tasks.errors import SourceFileError, TransientError
 from etl_tasks.load import duckdb as store
+from etl_tasks.load.evolve import SchemaChanged
 from etl_tasks.load.writer import StoreChain
 from etl_tasks.resources import Resources
-from etl_tasks.runs import breakers, items, lease, state, window
+from etl_tasks.runs import bounds, breakers, items, lease, plan, state, window
 from etl_tasks.runs.state import Unit
 from etl_tasks.sources import excel, firebird, xml_feed
+from etl_tasks.sources.firebird_schema import TableSchema
 from etl_tasks.transform import transform_chunk
 
 log = logging.getLogger(__name__)
@@ -58,28 +62,15 @@ def context(res: Resources, run_id: str) -> RunContext | None:
 def extract_unit(res: Resources, run_id: str, unit_id: str, send: Dispatch) -> int:
     """Read one unit into staged raw chunks; dispatch a transform per chunk. Returns rows."""
     ctx = context(res, run_id)
-    r, ttl = res.redis, res.settings.stage_ttl_s
+    r = res.redis
     if ctx is None or state.is_split(r, run_id, unit_id):
         return 0  # nothing to do: a lost run, or a duplicate message
     src, unit = ctx.src, state.unit(r, run_id, unit_id)
     faults.fault_point("extract", unit_id, r)
     chunks: dict[str, int] = {}
     breaker = breakers.for_source(res, src.name)
-    if unit.kind in ("range", "updated"):
-        # The source's transient failures count against its breaker; staging's do not.
-        with breaker.guard(), res.firebird_pool.connection() as con:
-            try:
-                table = firebird.fetch_range(
-                    con, src.location, src.key_column, unit.lo, unit.hi,
-                    updated_column=src.updated_column,
-                    since=unit.since or None, until=unit.until or None)
-            except MemoryError:
-                raise  # not the source's fault: the range is split (runs/split.py)
-            except Exception as exc:
-                raise firebird.classify(
-                    exc, f"table {src.location} keys {unit.lo}-{unit.hi}") from exc
-        staging.put(r, res.sealer, run_id, unit_id, "raw", table, ttl)
-        chunks[unit_id] = table.num_rows
+    if unit.kind in ("range", "updated", "table"):
+        _extract_table(res, ctx, unit, chunks)
     else:
         breaker.check()  # an inbox's failures are counted where it is listed: the plan
         refusal = _extract_file(res, ctx, unit, chunks)
@@ -101,6 +92,54 @@ def extract_unit(res: Resources, run_id: str, unit_id: str, send: Dispatch) -> i
     for chunk_id in chunks:
         send.transform(run_id, chunk_id)
     return sum(chunks.values())
+
+
+def _extract_table(res: Resources, ctx: RunContext, unit: Unit, chunks: dict[str, int]) -> None:
+    """Stage a Firebird unit into `chunks`: a key range as one chunk (the unit's id), a table
+    without a key in slices of `chunk_size` rows. The columns are the run's (its plan
+    reflected them), so every range of a run reads the same ones."""
+    src = ctx.src
+    recorded = state.info(res.redis, ctx.run_id).get("table_schema")
+    parts: list[tuple[str, pa.Table]] = []
+    # The source's transient failures count against its breaker; staging's do not, except a
+    # table without a key's, staged slice by slice inside (its snapshot must stay open).
+    with breakers.for_source(res, src.name).guard(), res.firebird_pool.connection() as con:
+        try:
+            schema = (TableSchema.from_json(recorded) if recorded
+                      else plan.table_schema(con, src))
+            key = schema.column(src.key_column) if src.key_column else None
+            if unit.kind == "table":
+                for n, part in enumerate(firebird.fetch_table(con, schema, src.chunk_size)):
+                    _stage_part(res, ctx, unit, f"{unit.unit_id}:{n}", schema, part, chunks)
+                return
+            changed = schema.column(src.updated_column) if src.updated_column else None
+            lo, hi = ((bounds.open_bound(res.sealer, src.name, unit.text_lo),
+                       bounds.open_bound(res.sealer, src.name, unit.text_hi))
+                      if unit.sampled else (unit.lo, unit.hi))
+            parts.append((unit.unit_id, firebird.fetch_range(
+                con, schema.table, key.name if key else None, lo, hi, schema=schema,
+                updated_column=changed.name if changed else "",
+                since=unit.since or None, until=unit.until or None)))
+        except MemoryError:
+            raise  # not the source's fault: the range is split (runs/split.py)
+        except Exception as exc:
+            raise firebird.classify(exc, f"table {src.location} {unit.pointer()}") from exc
+    for chunk_id, part in parts:
+        _stage_part(res, ctx, unit, chunk_id, schema, part, chunks)
+
+
+def _stage_part(res: Resources, ctx: RunContext, unit: Unit, chunk_id: str,
+                schema: TableSchema, part: pa.Table, chunks: dict[str, int]) -> None:
+    """Stage one chunk of a Firebird unit, with its rows' pointers where a text key or no
+    key needs them (sources/firebird.row_pointers)."""
+    part = firebird.row_pointers(part, schema, ctx.src.key_column or None,
+                                 res.sealer.keys[0])
+    staging.put(res.redis, res.sealer, ctx.run_id, chunk_id, "raw", part,
+                res.settings.stage_ttl_s)
+    chunks[chunk_id] = part.num_rows
+    if chunk_id != unit.unit_id:  # a long table shows progress per slice
+        state.touch(res.redis, ctx.run_id)
+        items.heartbeat(res.redis, ctx.run_id, "extract", unit.unit_id)
 
 
 def _extract_file(res: Resources, ctx: RunContext, unit: Unit,
@@ -176,10 +215,19 @@ def load_staged(res: Resources, chain: StoreChain, run_id: str, chunk_id: str,
         except staging.StagingLost:
             restage(res, run_id, chunk_id, send)
             return None
-        where, result = chain.write(
-            source=src.name, table=src.table, dataset=src.dataset,
-            entry=_ledger_entry(res, run_id, chunk_id), valid=valid, quarantined=quarantined,
-            fault=lambda point: faults.fault_point(point, chunk_id, r))
+        try:
+            where, result = chain.write(
+                source=src.name, table=src.table, dataset=src.dataset,
+                entry=_ledger_entry(res, run_id, chunk_id), valid=valid,
+                quarantined=quarantined, fault=lambda point: faults.fault_point(point, chunk_id, r))
+        except SchemaChanged as exc:
+            # Every chunk of the run has the same columns: the run stops here, loading nothing
+            # more, instead of dead-lettering chunk after chunk.
+            state.fail(r, run_id, f"{exc}; run stopped" + (
+                f" (Firebird table {src.location})" if src.kind == "firebird" else ""))
+            lease.release(r, src.name, run_id)
+            send.finalize(run_id)
+            return None
     # Only after the commit: progress, staged payload cleanup, checkpoint, lease.
     state.mark_done(r, run_id, chunk_id, result.loaded, result.quarantined, result.unchanged,
                     where)
@@ -199,10 +247,13 @@ def _ledger_entry(res: Resources, run_id: str, chunk_id: str) -> store.LedgerEnt
     r = res.redis
     unit = state.unit(r, run_id, state.unit_of(r, run_id, chunk_id) or chunk_id)
     siblings = sum(1 for c, u in state.chunk_units(r, run_id).items() if u == unit.unit_id)
-    ranged = unit.kind != "file"
+    ranged = unit.kind in ("range", "updated") and not unit.sampled
     return store.LedgerEntry(
         run_id=run_id, chunk_id=chunk_id, unit_id=unit.unit_id, kind=unit.kind,
         key_lo=unit.lo if ranged else None, key_hi=unit.hi if ranged else None,
+        # Sealed tokens (runs/bounds.py): enough to rebuild the key mark, no key in clear.
+        key_text_lo=unit.text_lo if unit.sampled else None,
+        key_text_hi=unit.text_hi if unit.sampled else None,
         file_sha256=unit.sha256 or None, unit_chunks=max(siblings, 1),
         source_version=state.info(r, run_id).get("plan_updated_to"))
 

@@ -22,6 +22,7 @@ import pyarrow as pa
 from etl_tasks import datasets
 from etl_tasks.datasets import TableKey
 from etl_tasks.errors import EtlError, FatalError, TransientError
+from etl_tasks.load import evolve
 from etl_tasks.load import fence as fencing
 from etl_tasks.load.fence import WriterFence
 
@@ -69,10 +70,17 @@ _DDL = [
     # the token each chunk was committed with.
     fencing.TABLE_DDL,
     "ALTER TABLE etl_load_ledger ADD COLUMN IF NOT EXISTS writer_fence BIGINT",
+    # Key ranges cut at sampled boundaries (keys that are not integers): their bounds as
+    # sealed tokens, from which the key mark is rebuilt without a key in clear.
+    "ALTER TABLE etl_load_ledger ADD COLUMN IF NOT EXISTS key_text_lo VARCHAR",
+    "ALTER TABLE etl_load_ledger ADD COLUMN IF NOT EXISTS key_text_hi VARCHAR",
+    "ALTER TABLE etl_dead_letters ADD COLUMN IF NOT EXISTS sampled BOOLEAN",
+    "ALTER TABLE etl_dead_letters ADD COLUMN IF NOT EXISTS text_lo VARCHAR",
+    "ALTER TABLE etl_dead_letters ADD COLUMN IF NOT EXISTS text_hi VARCHAR",
 ]
 _DEAD_LETTER_COLUMNS = ("dead_letter_id", "run_id", "source", "stage", "item", "unit_id", "kind",
                         "key_lo", "key_hi", "since", "until", "path", "sha256", "pointer",
-                        "reason", "attempts")
+                        "reason", "attempts", "sampled", "text_lo", "text_hi")
 
 
 # The run id of the ledger rows of `etl quarantine replay` (load/quarantine.py): rows that
@@ -93,6 +101,8 @@ class LedgerEntry:
     file_sha256: str | None = None
     unit_chunks: int = 1
     source_version: str | None = None  # the source's max UPDATED_AT when the run was planned
+    key_text_lo: str | None = None  # a sampled key range's bounds, sealed (runs/bounds.py)
+    key_text_hi: str | None = None
 
 
 @dataclass(frozen=True)
@@ -150,11 +160,11 @@ def _migrate(con: duckdb.DuckDBPyConnection) -> None:
         con.execute("ALTER TABLE etl_load_ledger RENAME TO etl_load_ledger_v1")
 
 
-def ensure_table(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema) -> None:
-    empty = schema.empty_table()  # noqa: F841 - read by DuckDB's replacement scan below
-    con.execute(f"""CREATE TABLE IF NOT EXISTS {table} AS SELECT *,
-        CAST(NULL AS VARCHAR) AS _run_id, CAST(NULL AS VARCHAR) AS _chunk_id,
-        CAST(NULL AS TIMESTAMPTZ) AS _loaded_at FROM empty WHERE false""")
+def ensure_table(con: duckdb.DuckDBPyConnection, table: str, schema: pa.Schema,
+                 source: str = "") -> None:
+    """Create the target table for chunks of `schema`, or add the columns it lacks; a
+    dropped or retyped column raises evolve.SchemaChanged (load/evolve.py)."""
+    evolve.ensure_table(con, table, schema, source)
 
 
 def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, dataset: str,
@@ -176,7 +186,7 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
                        [run_id, chunk_id]).fetchone():
             con.rollback()
             return WriteResult(0, 0, already_loaded=True)
-        ensure_table(con, table, valid.schema)
+        ensure_table(con, table, valid.schema, source)
         con.register("incoming", valid)
         con.register("incoming_q", quarantined)
         # No natural key (a table read whole each run): the row itself is its key.
@@ -186,10 +196,11 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
         newer = f" AND i.{key.version} > t.{key.version}" if key.version else ""
         # Upsert: drop the stored versions this chunk supersedes, then insert what is new.
         con.execute(f"DELETE FROM {table} t USING incoming i WHERE {match}{newer}")
-        cols = ", ".join(f"i.{name}" for name in valid.schema.names)
+        names, values = evolve.insert_columns(con, valid.schema)
         inserted = con.execute(
-            f"INSERT INTO {table} SELECT {cols}, ?, ?, now() FROM incoming i "
-            f"WHERE NOT EXISTS (SELECT 1 FROM {table} t WHERE {match})",
+            f"INSERT INTO {table} ({names}, _run_id, _chunk_id, _loaded_at) SELECT {values}, "
+            f"?, ?, now() FROM incoming i WHERE NOT EXISTS (SELECT 1 FROM {table} t "
+            f"WHERE {match})",
             [run_id, chunk_id]).fetchone()
         # A row re-read in the same state (backfill, --full) is not quarantined twice.
         held = con.execute(
@@ -202,11 +213,13 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
         unchanged = valid.num_rows - loaded + quarantined.num_rows - held_count
         con.execute("INSERT INTO etl_load_ledger (run_id, chunk_id, source, target_table, "
                     "rows_loaded, rows_quarantined, rows_unchanged, unit_id, kind, key_lo, "
-                    "key_hi, file_sha256, unit_chunks, source_version, writer_fence, loaded_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                    "key_hi, file_sha256, unit_chunks, source_version, writer_fence, "
+                    "key_text_lo, key_text_hi, loaded_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
                     [run_id, chunk_id, source, table, loaded, held_count, unchanged,
                      entry.unit_id, entry.kind, entry.key_lo, entry.key_hi, entry.file_sha256,
-                     entry.unit_chunks, entry.source_version, fence.token if fence else None])
+                     entry.unit_chunks, entry.source_version, fence.token if fence else None,
+                     entry.key_text_lo, entry.key_text_hi])
         also(con)
         fault("before_commit")
         # After the fault point: a loader held there (paused) and resumed after another took
@@ -302,9 +315,9 @@ def record_dead_letters(con: duckdb.DuckDBPyConnection, entries: list[dict[str, 
         con.execute(
             "INSERT OR IGNORE INTO etl_dead_letters (dead_letter_id, run_id, source, stage, "
             "item_id, unit_id, kind, key_lo, key_hi, since, until, path, sha256, pointer, "
-            "reason, attempts, status, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, "
-            "?, ?, ?, ?, 'open', to_timestamp(?))",
-            [e[c] for c in _DEAD_LETTER_COLUMNS] + [e["created_at"]])
+            "reason, attempts, sampled, text_lo, text_hi, status, created_at) VALUES (?, ?, ?, "
+            "?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 'open', to_timestamp(?))",
+            [e.get(c) for c in _DEAD_LETTER_COLUMNS] + [e["created_at"]])
 
 
 def resolve_dead_letters(con: duckdb.DuckDBPyConnection, ids: list[str], run_id: str) -> None:
@@ -326,7 +339,8 @@ def dead_letters(con: duckdb.DuckDBPyConnection, source: str | None = None,
         params.append(status)
     cur = con.execute(
         "SELECT dead_letter_id, run_id, source, stage, item_id AS item, unit_id, kind, key_lo, "
-        "key_hi, since, until, path, sha256, pointer, reason, attempts, status, "
+        "key_hi, since, until, path, sha256, pointer, reason, attempts, sampled, text_lo, "
+        "text_hi, status, "
         "epoch(created_at) AS created_at, resolved_by FROM etl_dead_letters"
         + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY created_at DESC",
         params)
@@ -338,8 +352,19 @@ def committed_ranges(con: duckdb.DuckDBPyConnection,
                      source: str) -> list[tuple[int, int, datetime | None]]:
     """Key ranges fully read and committed for `source`: (lo, hi, source version)."""
     rows = con.execute("SELECT key_lo, key_hi, source_version FROM etl_load_ledger WHERE "
-                       "source = ? AND kind = 'range' ORDER BY key_lo", [source]).fetchall()
+                       "source = ? AND kind = 'range' AND key_lo IS NOT NULL ORDER BY key_lo",
+                       [source]).fetchall()
     return [(int(lo), int(hi), version) for lo, hi, version in rows]
+
+
+def committed_sampled_ranges(con: duckdb.DuckDBPyConnection, source: str
+                             ) -> list[tuple[str, str, datetime | None]]:
+    """Sampled key ranges committed for `source`, in commit order: (lo token, hi token,
+    source version); "" is no bound."""
+    rows = con.execute("SELECT key_text_lo, key_text_hi, source_version FROM etl_load_ledger "
+                       "WHERE source = ? AND kind = 'range' AND key_text_hi IS NOT NULL "
+                       "ORDER BY loaded_at", [source]).fetchall()
+    return [(lo or "", hi, version) for lo, hi, version in rows]
 
 
 def loaded_files(con: duckdb.DuckDBPyConnection, source: str) -> dict[str, int]:

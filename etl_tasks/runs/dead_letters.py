@@ -31,12 +31,16 @@ def dead_letter_id(run_id: str, stage: str, item: str) -> str:
 def record(r: redis.Redis, run_id: str, source: str, stage: items.Stage, item: str,
            unit: Unit, reason: str, attempts: int) -> dict[str, Any]:
     """Dead-letter one item of a run; the run goes on without it."""
+    numbered = unit.kind in ("range", "updated") and not unit.sampled
     entry = {
         "dead_letter_id": dead_letter_id(run_id, stage, item), "run_id": run_id,
         "source": source, "stage": stage, "item": item, "unit_id": unit.unit_id,
-        "kind": unit.kind, "key_lo": unit.lo if unit.kind != "file" else None,
-        "key_hi": unit.hi if unit.kind != "file" else None, "since": unit.since or None,
+        "kind": unit.kind, "key_lo": unit.lo if numbered else None,
+        "key_hi": unit.hi if numbered else None, "since": unit.since or None,
         "until": unit.until or None, "path": unit.path or None, "sha256": unit.sha256 or None,
+        # A sampled range's bounds as the unit holds them: sealed tokens, no key in clear.
+        "sampled": unit.sampled, "text_lo": unit.text_lo or None,
+        "text_hi": unit.text_hi or None,
         "pointer": unit.pointer() + ("" if item == unit.unit_id else f", chunk {item}"),
         "reason": reason, "attempts": attempts, "created_at": time.time(),
     }
@@ -88,7 +92,11 @@ def covers(entry: dict[str, Any], unit: Unit) -> bool:
         return unit.kind == "file" and unit.sha256 == entry["sha256"]
     if entry["kind"] == "updated":
         return False  # resolved when a run advances the updated mark (finalize)
-    return (unit.kind == "range" and unit.lo <= entry["key_lo"]
+    if entry["kind"] == "table":
+        return unit.kind == "table"
+    if entry.get("sampled"):
+        return False  # resolved when a run's sampled ranges all commit (finalize)
+    return (unit.kind == "range" and not unit.sampled and unit.lo <= entry["key_lo"]
             and unit.hi >= entry["key_hi"])
 
 
@@ -96,4 +104,10 @@ def overlaps(entry: dict[str, Any], unit: Unit) -> bool:
     """Does `unit` include dead work of `entry` (so it gets one attempt, not the default)?"""
     if entry["kind"] == "file":
         return unit.kind == "file" and unit.sha256 == entry["sha256"]
+    if entry["kind"] == "table" or unit.kind == "table":
+        return bool(entry["kind"] == unit.kind)
+    if entry.get("sampled") or unit.sampled:
+        # Sampled bounds of two plans are not comparable without opening and ordering them
+        # as Firebird does: the new range gets its full attempts.
+        return False
     return unit.kind != "file" and unit.lo <= entry["key_hi"] and unit.hi >= entry["key_lo"]

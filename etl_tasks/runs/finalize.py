@@ -121,11 +121,16 @@ def _resolve_dead_letters(res: Resources, chain: StoreChain, run_id: str,
     r = res.redis
     clean = [u for u in units if u.unit_id not in dead_unit_ids]
     updates_done = not any(u.kind == "updated" for u in units if u.unit_id in dead_unit_ids)
+    # Sampled ranges start at the key mark, which never passes a dead range: a run whose
+    # sampled ranges all committed has read again every key a dead one held.
+    sampled = [u for u in units if u.kind == "range" and u.sampled]
+    sampled_done = bool(sampled) and all(u in clean for u in sampled)
     done = []
     for entry in dead_letters.open_letters(r, source):
         if entry["run_id"] == run_id:
             continue
         if (any(dead_letters.covers(entry, u) for u in clean)
+                or (entry.get("sampled") and entry["kind"] == "range" and sampled_done)
                 or (entry["kind"] == "updated" and updates_done and data.get("plan_updated_to"))
                 or (state.options(r, run_id).retry == entry["dead_letter_id"] and not
                 dead_unit_ids)):

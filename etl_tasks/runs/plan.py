@@ -1,9 +1,12 @@
 """Plan a run: take the source's lease, cut the new work since its checkpoint into units.
 
-Firebird: key ranges above the key mark, plus the rows below it whose UPDATED_AT moved since
-the updated mark (minus a look-back). Files: inbox files not loaded before (by content hash),
-each claimed by this run only. Open dead letters of the source are planned again with one
-attempt (the cause may have been fixed); `etl retry` plans exactly one dead letter's work.
+Firebird: the table's columns reflected (recorded with the run, so every range reads the
+same ones), key ranges above the key mark (integer keys by arithmetic, any other key at
+boundaries sampled from the table), plus the rows below it whose change column moved since
+the updated mark (minus a look-back); a table without a key is one unit, read whole.
+Files: inbox files not loaded before (by content hash), each claimed by this run only.
+Open dead letters of the source are planned again with one attempt (the cause may have been
+fixed); `etl retry` plans exactly one dead letter's work.
 A plan is recorded once: a redelivered or re-sent plan finds it recorded and does nothing.
 A source whose circuit breaker is open is not planned: the run is skipped with the reason.
 """
@@ -15,15 +18,18 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 from etl_tasks import checkpoints, inbox
 from etl_tasks.config import SourceConfig
 from etl_tasks.errors import CircuitOpen, FatalError
 from etl_tasks.monitoring.alerts import alert
 from etl_tasks.resources import Resources
-from etl_tasks.runs import breakers, dead_letters, lease, state, window
+from etl_tasks.runs import bounds, breakers, dead_letters, lease, state, window
 from etl_tasks.runs.state import Unit
-from etl_tasks.sources import firebird
+from etl_tasks.sealing import Sealer
+from etl_tasks.sources import firebird, firebird_schema, firebird_text
+from etl_tasks.sources.firebird_schema import TableSchema
 
 log = logging.getLogger(__name__)
 
@@ -68,13 +74,13 @@ def plan_run(res: Resources, run_id: str, source: str,
         return []
     options = state.options(r, run_id)
     open_letters = dead_letters.open_letters(r, src.name)
-    skipped, updated_to = 0, None
+    skipped, updated_to, schema = 0, None, None
     try:
         if options.retry:
             units = [_retry_unit(src, options.retry, open_letters)]
         elif src.kind == "firebird":
             with breakers.for_source(res, src.name).guard():
-                units, updated_to = _plan_firebird(res, src, options)
+                units, updated_to, schema = _plan_firebird(res, src, options)
         else:
             with breakers.for_source(res, src.name).guard():
                 units, skipped = _plan_files(res, src, run_id, options)
@@ -82,7 +88,8 @@ def plan_run(res: Resources, run_id: str, source: str,
         _skip(res, run_id, src.name, exc.reason)
         return []
     units = [_one_attempt_if_dead(u, open_letters) for u in units]
-    if not state.record_plan(r, run_id, units, skipped, updated_to):
+    if not state.record_plan(r, run_id, units, skipped, updated_to,
+                             schema.to_json() if schema else None):
         return []
     log.info("planned run %s of %s: %d units", run_id, src.name, len(units))
     if not units:
@@ -118,34 +125,131 @@ def _retry_unit(src: SourceConfig, dead_letter_id: str,
     return Unit(f"{entry['unit_id']}:retry", entry["kind"],  # type: ignore[arg-type]
                 lo=int(entry["key_lo"] or 0), hi=int(entry["key_hi"] or 0),  # type: ignore[call-overload]
                 path=str(entry["path"] or ""), sha256=str(entry["sha256"] or ""),
-                since=str(entry["since"] or ""), until=str(entry["until"] or ""))
+                since=str(entry["since"] or ""), until=str(entry["until"] or ""),
+                sampled=bool(entry.get("sampled")), text_lo=str(entry.get("text_lo") or ""),
+                text_hi=str(entry.get("text_hi") or ""))
 
 
-def _plan_firebird(res: Resources, src: SourceConfig,
-                   options: state.RunOptions) -> tuple[list[Unit], str | None]:
-    """New keys above the mark as ranges, plus rows whose UPDATED_AT moved below it."""
-    r = res.redis
-    after = 0 if options.full else checkpoints.key_high_water(r, src.name)
-    since = None if options.full else checkpoints.updated_since(r, src.name, src.lookback_s)
-    if options.since is not None:
-        since = min(since, options.since) if since else options.since  # never narrower
-    if since is None and after > 0:
-        since = BEGINNING  # a key mark without an updated mark: check every row below it
+def _plan_firebird(res: Resources, src: SourceConfig, options: state.RunOptions
+                   ) -> tuple[list[Unit], str | None, TableSchema]:
+    """The table's columns as they are now, and its work: new keys above the mark as
+    ranges, plus rows whose change column moved below it; a table without a key whole."""
     with res.firebird_pool.connection() as con:
         try:
-            bounds = firebird.key_bounds(con, src.location, src.key_column, after)
-            updated_to = firebird.max_updated(con, src.location, src.updated_column)
-            changed = (firebird.updated_bounds(con, src.location, src.key_column,
-                                               src.updated_column, since, updated_to, after)
-                       if since is not None and after > 0 and updated_to is not None else None)
+            schema = table_schema(con, src)
+            key = schema.column(src.key_column) if src.key_column else None
+            if key is None:
+                return [Unit(f"{src.name}:table", "table")], None, schema
+            if key.is_integer_key:
+                units, updated_to = _integer_ranges(res, con, src, schema, options)
+            else:
+                units, updated_to = _sampled_ranges(res, con, src, schema, options)
         except Exception as exc:
             raise firebird.classify(exc, f"table {src.location}") from exc
+    return units, updated_to, schema
+
+
+def table_schema(con: Any, src: SourceConfig) -> TableSchema:
+    """The source's table reflected, less its excluded columns, read in its character set;
+    a FatalError naming the source, table and column for a name that is not there or a
+    column that cannot be read."""
+    schema = firebird_schema.reflect(con, src.location, source=src.name)
+    schema = replace(schema.without(src.exclude_columns, src.name), charset=src.charset)
+    schema.readable(src.name)
+    firebird_text.codec(schema.text_charset)  # an unknown character set stops the plan
+    where = f"source {src.name}: "
+    for role, name in (("key_column", src.key_column), ("updated_column", src.updated_column)):
+        if name and schema.column(name) is None:
+            raise FatalError(f"{where}{role} {name} is not a column of table {schema.table}",
+                             source=src.name)
+    staged = [c.staged_name for c in schema.columns]
+    for name in staged:
+        if name == "source_ref" or staged.count(name) > 1:
+            raise FatalError(f"{where}column {name} of table {schema.table} clashes with "
+                             "another column or the store's source_ref; leave it out with "
+                             "`exclude_columns`", source=src.name)
+    if src.key_column and (empty := firebird.null_keys(con, schema, src.key_column)):
+        raise FatalError(f"{where}{empty} row(s) of table {schema.table} have no "
+                         f"{src.key_column}: no key range would read them (choose a key "
+                         "column set in every row)", source=src.name)
+    return schema
+
+
+def _integer_ranges(res: Resources, con: Any, src: SourceConfig, schema: TableSchema,
+                    options: state.RunOptions) -> tuple[list[Unit], str | None]:
+    """New keys above the mark as ranges, plus rows whose change column moved below it."""
+    r = res.redis
+    key = firebird_text.quote(_name(schema, src.key_column))
+    after = 0 if options.full else checkpoints.key_high_water(r, src.name)
+    since = _since(res, src, options, bool(after))
+    bounds = firebird.key_bounds(con, schema.table, key, after)
+    updated_to = changed = None
+    if src.updated_column:
+        changed_column = firebird_text.quote(_name(schema, src.updated_column))
+        updated_to = firebird.max_updated(con, schema.table, changed_column)
+        if since is not None and after > 0 and updated_to is not None:
+            changed = firebird.updated_bounds(con, schema.table, key, changed_column, since,
+                                              updated_to, after)
     units = plan_ranges(src, after, bounds)
     if changed is not None and since is not None and updated_to is not None:
         for u in plan_ranges(src, 0, changed, kind="updated"):
             units.append(replace(u, kind="updated", since=since.isoformat(),
                                  until=updated_to.isoformat()))
     return units, updated_to.isoformat() if updated_to is not None else None
+
+
+def _sampled_ranges(res: Resources, con: Any, src: SourceConfig, schema: TableSchema,
+                    options: state.RunOptions) -> tuple[list[Unit], str | None]:
+    """As _integer_ranges for a key that is not an integer: the ranges end at every
+    `chunk_size`-th key above the mark (sampled from the table in key order), so they still
+    extract in parallel; the bounds are sealed (the keys may be patient data)."""
+    r, key = res.redis, _name(schema, src.key_column)
+    mark = "" if options.full else checkpoints.sampled_high_water(r, src.name)
+    after = bounds.open_bound(res.sealer, src.name, mark)
+    since = _since(res, src, options, bool(mark))
+    found = firebird.sample_bounds(con, schema, key, after, src.chunk_size)
+    units = _cut(res.sealer, src, "skeys", "range", mark, found)
+    if not src.updated_column:
+        return units, None
+    changed = firebird_text.quote(_name(schema, src.updated_column))
+    updated_to = firebird.max_updated(con, schema.table, changed)
+    if since is not None and after is not None and updated_to is not None:
+        below, params = firebird.range_condition(schema, key, None, after)
+        window = f"{changed} > ? AND {changed} <= ? AND " + " AND ".join(below)
+        found = firebird.sample_bounds(con, schema, key, None, src.chunk_size, window,
+                                       (since, updated_to, *params))
+        units += [replace(u, since=since.isoformat(), until=updated_to.isoformat())
+                  for u in _cut(res.sealer, src, "supdated", "updated", "", found)]
+    return units, updated_to.isoformat() if updated_to is not None else None
+
+
+def _cut(sealer: Sealer, src: SourceConfig, label: str, kind: str, start: str,
+         found: list[bytes]) -> list[Unit]:
+    """Sampled ranges: (start, b1], (b1, b2], ... each boundary sealed once, so the range it
+    ends and the range it starts hold the same token (checkpoints walk them by equality)."""
+    tokens = [bounds.seal(sealer, src.name, b) for b in found]
+    ends = [start, *tokens]
+    return [Unit(f"{src.name}:{label}:{n}", kind, sampled=True,  # type: ignore[arg-type]
+                 text_lo=ends[n - 1], text_hi=ends[n]) for n in range(1, len(ends))]
+
+
+def _since(res: Resources, src: SourceConfig, options: state.RunOptions,
+           has_mark: bool) -> datetime | None:
+    """Where the run's window of changed rows starts (None: no window)."""
+    since = None if options.full else checkpoints.updated_since(res.redis, src.name,
+                                                                src.lookback_s)
+    if options.since is not None:
+        since = min(since, options.since) if since else options.since  # never narrower
+    if since is None and has_mark:
+        since = BEGINNING  # a key mark without an updated mark: check every row below it
+    return since
+
+
+def _name(schema: TableSchema, name: str) -> str:
+    """A configured column name as the table spells it (checked by table_schema)."""
+    column = schema.column(name)
+    assert column is not None
+    return column.name
 
 
 def _plan_files(res: Resources, src: SourceConfig, run_id: str,

@@ -35,8 +35,12 @@ def rebuild_state(res: Resources, con: duckdb.DuckDBPyConnection,
     for src in res.pipeline.sources:
         key_mark, updated = checkpoints.prefix_mark(store.committed_ranges(con, src.name),
                                                     store.last_marks(con, src.name))
+        sampled = store.committed_sampled_ranges(con, src.name)
+        sampled_mark = ""
+        if sampled:  # a key cut at sampled boundaries: its mark is a sealed token
+            sampled_mark, updated = checkpoints.sampled_prefix_mark(sampled)
         files = store.loaded_files(con, src.name)
-        checkpoints.restore(r, src.name, key_mark, updated, files)
+        checkpoints.restore(r, src.name, key_mark, updated, files, sampled_mark)
         dead_letters.restore(r, src.name, store.dead_letters(con, src.name))
         marks[src.name] = key_mark
         log.warning("rebuilt checkpoints of %s from the ledger: key mark %d, updated mark %s, "

@@ -30,10 +30,11 @@ _PARTS = ("unit", "units", "split", "chunks", "chunk_unit", "transformed", "done
 
 @dataclass(frozen=True)
 class Unit:
-    """A planned piece of work: a key range of a table, or one inbox file."""
+    """A planned piece of work: a key range of a table, a table without a key, or one inbox
+    file."""
 
     unit_id: str
-    kind: Literal["range", "updated", "file"]
+    kind: Literal["range", "updated", "file", "table"]
     lo: int = 0
     hi: int = 0
     path: str = ""
@@ -41,6 +42,12 @@ class Unit:
     since: str = ""  # "updated": rows of lo..hi whose UPDATED_AT is in (since, until]
     until: str = ""
     max_attempts: int = 0  # 0: the configured default; 1 for dead work tried again
+    # A range of a key that is not an integer, cut at boundaries sampled from the table:
+    # rows with text_lo < key <= text_hi ("" = no bound), instead of lo..hi. The bounds are
+    # key values (an MRN is patient data), so they are sealed tokens (runs/bounds.py).
+    sampled: bool = False
+    text_lo: str = ""
+    text_hi: str = ""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -53,7 +60,11 @@ class Unit:
         """Where in the source this unit is, for people: a key range or a file name."""
         if self.kind == "file":
             return f"file {self.path.rsplit('/', 1)[-1]} (sha256 {self.sha256[:16]})"
+        if self.kind == "table":
+            return "every row of the table (it has no key)"
         window = f" updated in ({self.since}, {self.until}]" if self.kind == "updated" else ""
+        if self.sampled:  # its bounds are key values: never shown
+            return f"sampled key range {self.unit_id.rsplit(':', 1)[-1]}{window}"
         return f"keys {self.lo}-{self.hi}{window}"
 
 
@@ -179,9 +190,10 @@ def is_planned(r: redis.Redis, run_id: str) -> bool:
 
 
 def record_plan(r: redis.Redis, run_id: str, units: list[Unit], skipped: int,
-                updated_to: str | None) -> bool:
+                updated_to: str | None, table_schema: str | None = None) -> bool:
     """Record the plan once; False when another delivery of the plan recorded it first (a
-    retried plan must never replace the units a run is already working on)."""
+    retried plan must never replace the units a run is already working on). A Firebird
+    run's `table_schema` (the reflected columns, JSON) is what all its ranges read."""
     if not r.hsetnx(key(run_id), "planned", time.time()):
         return False
     with r.pipeline() as p:
@@ -196,6 +208,8 @@ def record_plan(r: redis.Redis, run_id: str, units: list[Unit], skipped: int,
                                    "last_progress_at": time.time()}
         if updated_to:
             mapping["plan_updated_to"] = updated_to
+        if table_schema:
+            mapping["table_schema"] = table_schema
         p.hset(key(run_id), mapping=mapping)  # type: ignore[arg-type]
         _keep(p, run_id, *_PARTS, "held")
         p.execute()

@@ -1,15 +1,16 @@
-"""The Firebird billing source: embedded runtime setup, a bounded pool, key-range reads as Arrow.
+"""The Firebird source: embedded runtime setup, a bounded pool, key-range reads as Arrow.
 
-Reading through firebird-driver row by row costs ~30,000 rows/s; having Firebird build each
-key range as one CSV text (LIST()) and parsing it with Arrow's CSV reader is faster, and
-extraction scales with processes because each range is its own task.
+Any table: its columns come from reflection (firebird_schema.py), each range is built by
+Firebird as one text and parsed by Arrow (firebird_text.py), and extraction scales with
+processes because each range is its own task. Integer keys are cut by arithmetic; other keys
+by boundaries sampled from the table (every Nth key in key order).
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import io
+import hmac
 import os
 import queue
 import re
@@ -22,11 +23,17 @@ from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.csv as pcsv
 
 from etl_tasks.errors import EtlError, FatalError, TransientError
+from etl_tasks.sources import firebird_schema, firebird_text
+from etl_tasks.sources.firebird_schema import Column, TableSchema
+from etl_tasks.sources.firebird_text import RANGE_BLOCK_SIZE, quote
 
-# BILLING_CLAIMS as staged: column name, Arrow type, is it text (quoted in the CSV).
+Bound = int | bytes | None
+"""A key range's end: an integer key, a sampled key value's bytes, or none (open)."""
+
+# What reflection gives for the demo's BILLING_CLAIMS (column, staged Arrow type, is it
+# text): the tests and benchmarks compare with it. The reader itself reads any table.
 CLAIM_COLUMNS: list[tuple[str, pa.DataType, bool]] = [
     ("CLAIM_ID", pa.int64(), False),
     ("PATIENT_ID", pa.string(), True),
@@ -106,8 +113,10 @@ def configure_runtime(runtime_dir: Path) -> None:
         _runtime_ready = True
 
 
-def connect(target: FirebirdTarget) -> Any:
-    """One new connection (the pool owns reuse)."""
+def connect(target: FirebirdTarget, charset: str | None = None) -> Any:
+    """One new connection (the pool owns reuse). Without `charset` the connection's is NONE:
+    Firebird sends text as the bytes it stores, which the range reader decodes itself;
+    writers of non-ASCII text name the character set their strings should arrive in."""
     configure_runtime(target.runtime_dir)
     from firebird.driver import connect as fb_connect
 
@@ -116,26 +125,35 @@ def connect(target: FirebirdTarget) -> Any:
         raise FatalError(f"Firebird database {dsn} does not exist; run `etl demo-data` to "
                          "create the demo database or set ETL_FIREBIRD_DSN", source="firebird")
     try:
-        return fb_connect(dsn, user=target.user, password=target.password)
+        return fb_connect(dsn, user=target.user, password=target.password, charset=charset)
     except Exception as exc:
         raise classify(exc) from exc
 
 
-def create_database(target: FirebirdTarget, *, overwrite: bool = False) -> Any:
+def create_database(target: FirebirdTarget, *, overwrite: bool = False,
+                    charset: str | None = None) -> Any:
     """A new, empty database at the target (a file for the embedded engine, or on the
-    server); `overwrite` replaces one that exists."""
+    server); `overwrite` replaces one that exists. `charset` is its default character set
+    (and the connection's), NONE when not given, as the demo's billing database."""
     configure_runtime(target.runtime_dir)
     from firebird.driver import create_database as fb_create
+    from firebird.driver import driver_config
 
-    if not target.embedded:
+    dsn = target.dsn if not target.embedded else str(Path(target.dsn).resolve())
+    if target.embedded:
+        Path(target.dsn).parent.mkdir(parents=True, exist_ok=True)
+    # The driver takes a new database's default character set from its configuration only.
+    with _runtime_lock:
+        driver_config.db_defaults.db_charset.value = charset
         try:
-            return fb_create(target.dsn, user=target.user, password=target.password,
-                             overwrite=overwrite)
+            return fb_create(dsn, user=target.user, password=target.password,
+                             overwrite=overwrite, charset=charset)
         except Exception as exc:
+            if target.embedded:
+                raise
             raise classify(exc) from exc
-    Path(target.dsn).parent.mkdir(parents=True, exist_ok=True)
-    return fb_create(str(Path(target.dsn).resolve()), user=target.user,
-                     password=target.password, overwrite=overwrite)
+        finally:
+            driver_config.db_defaults.db_charset.value = None
 
 
 class ConnectionPool:
@@ -224,97 +242,155 @@ def updated_bounds(con: Any, table: str, key: str, updated: str, since: datetime
     return None if lo is None else (int(lo), int(hi))
 
 
-def _csv_expression() -> str:
-    parts = []
-    for name, _, is_text in CLAIM_COLUMNS:
-        if is_text:
-            # Quote text so commas and quotes survive; NULL stays an empty unquoted field.
-            parts.append(f"CASE WHEN {name} IS NULL THEN '' ELSE "
-                         f"'\"' || REPLACE({name}, '\"', '\"\"') || '\"' END")
-        else:
-            parts.append(f"COALESCE({name}, '')")
-    return " || ',' || ".join(parts)
+def fetch_range(con: Any, table: str, key: str | None, lo: Bound, hi: Bound, *,
+                schema: TableSchema | None = None, updated_column: str = "UPDATED_AT",
+                since: str | None = None, until: str | None = None,
+                block_size: int = RANGE_BLOCK_SIZE) -> pa.Table:
+    """The rows of a key range (and, given a window, updated in (since, until]) as Arrow.
 
-
-RANGE_BLOCK_SIZE = 1 << 20
-"""Bytes the CSV reader takes at a time (Arrow's default); blocks are parsed in parallel."""
-
-_COLUMN_COUNT = re.compile(r"CSV parse error: (?:Row #\d+: )?Expected \d+ columns, got \d+")
-_COLUMN_INDEX = re.compile(r"In CSV column #(\d+): ")
-
-
-def fetch_range(con: Any, table: str, key: str, lo: int, hi: int, *,
-                updated_column: str = "UPDATED_AT", since: str | None = None,
-                until: str | None = None, block_size: int = RANGE_BLOCK_SIZE) -> pa.Table:
-    """Rows with lo <= key <= hi (and, given a window, updated in (since, until]) as Arrow."""
-    text = fetch_range_csv(con, table, key, lo, hi, updated_column=updated_column,
+    Integer bounds are inclusive (lo <= key <= hi); other bounds are sampled key values,
+    the lower one exclusive (lo < key <= hi), None meaning no bound; no key: every row.
+    `schema` is the run's (reflected now when None); its columns are what is read.
+    """
+    schema = schema or firebird_schema.reflect(con, table)
+    raw = fetch_range_text(con, schema, key, lo, hi, updated_column=updated_column,
                            since=since, until=until)
-    return parse_range_csv(text, table=table, key=key, lo=lo, hi=hi, block_size=block_size)
+    where = (f"{table} {key} {lo}-{hi}" if isinstance(lo, int) and isinstance(hi, int)
+             else f"{table} {key or 'rows'} (a sampled key range)")
+    return firebird_text.parse(raw, schema, where=where, block_size=block_size)
 
 
-def fetch_range_csv(con: Any, table: str, key: str, lo: int, hi: int, *,
-                    updated_column: str = "UPDATED_AT", since: str | None = None,
-                    until: str | None = None) -> str | None:
-    """The range as Firebird writes it: one CSV row per claim, joined by ASCII 10 (LF)."""
-    where, params = f"{key} BETWEEN ? AND ?", list[Any]([lo, hi])
+def fetch_range_text(con: Any, schema: TableSchema, key: str | None, lo: Bound, hi: Bound, *,
+                     updated_column: str = "UPDATED_AT", since: str | None = None,
+                     until: str | None = None, rows: tuple[int, int] | None = None) -> bytes | None:
+    """The range as Firebird writes it: one CSV line per row, joined by ASCII 10 (LF), as the
+    bytes of the table's character set (a binary blob, so the driver decodes nothing).
+    `rows` (first, last; 1-based) takes a slice of a keyless table in its natural order."""
+    where, params = range_condition(schema, key, lo, hi)
     if since and until:
-        where += f" AND {updated_column} > ? AND {updated_column} <= ?"
+        changed = quote(updated_column)
+        where.append(f"{changed} > ? AND {changed} <= ?")
         params += [datetime.fromisoformat(since), datetime.fromisoformat(until)]
-    sql = (f"SELECT LIST(r, ASCII_CHAR(10)) FROM (SELECT {_csv_expression()} AS r "
-           f"FROM {table} WHERE {where} ORDER BY {key})")
+    sql = f"SELECT {firebird_text.line_expression(schema)} AS r FROM {quote(schema.table)}"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    if key:
+        sql += f" ORDER BY {quote(key)}"
+    if rows:
+        sql += f" ROWS {int(rows[0])} TO {int(rows[1])}"
     cur = con.cursor()
     try:
-        cur.execute(sql, params)
+        cur.execute(f"SELECT CAST(LIST(r, ASCII_CHAR(10)) AS BLOB SUB_TYPE BINARY) FROM ({sql})",
+                    params)
         return cur.fetchone()[0]  # type: ignore[no-any-return]
     finally:
         cur.close()
 
 
-def parse_range_csv(text: str | None, *, table: str, key: str, lo: int, hi: int,
-                    block_size: int = RANGE_BLOCK_SIZE) -> pa.Table:
-    """Parse `fetch_range_csv` text; a failure is a FatalError that never quotes a row.
-
-    Text values are quoted and may hold LF, CR, quotes, commas and semicolons.
-    `newlines_in_values` keeps the reader from ending a block inside a quoted value (without
-    it, a newline in a value where a block ends breaks the parse). Arrow (26) still drops the
-    LF of a CRLF inside a value when its input blocks split between the CR and the LF, so
-    text with a CR anywhere is read as one block. Either way the parse takes 10 to 15 ms per
-    50,000-row range (2 to 5 ms more than without these guards), next to about 900 ms for
-    Firebird to build the text.
-    """
-    names = [name.lower() for name, _, _ in CLAIM_COLUMNS]
-    schema = pa.schema([(name.lower(), typ) for name, typ, _ in CLAIM_COLUMNS])
-    if not text:
-        return schema.empty_table()
-    data = text.encode("utf-8")
-    if b"\r" in data:
-        block_size = max(block_size, len(data) + 1)
+def fetch_table(con: Any, schema: TableSchema, rows: int,
+                block_size: int = RANGE_BLOCK_SIZE) -> Iterator[pa.Table]:
+    """A table without a key in slices of `rows` rows, in its natural order. All in the
+    connection's one transaction (a snapshot), so the slices neither overlap nor miss a row
+    whatever changes meanwhile."""
+    cur = con.cursor()
     try:
-        return pcsv.read_csv(
-            io.BytesIO(data),
-            read_options=pcsv.ReadOptions(column_names=names, block_size=block_size),
-            parse_options=pcsv.ParseOptions(newlines_in_values=True),
-            convert_options=pcsv.ConvertOptions(
-                column_types={f.name: f.type for f in schema},
-                strings_can_be_null=True, quoted_strings_can_be_null=False),
-        ).select(names)
-    except pa.ArrowException as exc:
-        reason = _parse_failure_reason(exc)
-    # Raised out here, so that neither __cause__ nor __context__ carries Arrow's message (and
-    # the row in it) into a traceback, a log or a Sentry event.
-    raise FatalError(f"Firebird range {table} {key} {lo}-{hi} could not be parsed ({reason})",
-                     source="firebird")
+        cur.execute(f"SELECT COUNT(*) FROM {quote(schema.table)}")
+        total = int(cur.fetchone()[0])
+    finally:
+        cur.close()
+    for first in range(1, total + 1, rows):
+        last = min(first + rows - 1, total)
+        raw = fetch_range_text(con, schema, None, None, None, rows=(first, last))
+        yield firebird_text.parse(raw, schema, where=f"{schema.table} rows {first}-{last}",
+                                  block_size=block_size)
 
 
-def _parse_failure_reason(exc: BaseException) -> str:
-    """What Arrow's message says went wrong, without the row or value it quotes."""
-    message = str(exc)
-    if found := _COLUMN_COUNT.match(message):
-        return found.group(0)
-    if (found := _COLUMN_INDEX.match(message)) and int(found.group(1)) < len(CLAIM_COLUMNS):
-        name, typ, _ = CLAIM_COLUMNS[int(found.group(1))]
-        return f"column {name} holds a value that is not a valid {typ}"
-    return type(exc).__name__
+def row_pointers(table: pa.Table, schema: TableSchema, key: str | None,
+                 secret: bytes) -> pa.Table:
+    """Add `_source_ref`, each row's pointer, where `<KEY>=<value>` will not do: a text key
+    may be patient data (an MRN) and a table without a key has no key at all. The pointer is
+    then a keyed digest of the key (or of the whole row): stable across runs, so a row read
+    again in the same state is recognized, and no value in clear. Other tables keep
+    `<KEY>=<value>` (made by the transform, as for claims)."""
+    column = schema.column(key) if key else None
+    if column is not None and not column.is_text:
+        return table
+    label = column.name if column is not None else "ROW"
+    names = [column.staged_name] if column is not None else [
+        c.staged_name for c in schema.columns]
+    values = table.select(names).to_pylist()
+    refs = [f"{label}#" + hmac.new(secret, repr(list(v.values())).encode(), "sha256")
+            .hexdigest()[:20] for v in values]
+    return table.append_column("_source_ref", pa.array(refs, pa.string()))
+
+
+def range_condition(schema: TableSchema, key: str | None, lo: Bound,
+                    hi: Bound) -> tuple[list[str], list[Any]]:
+    """WHERE terms and parameters of a key range (see `fetch_range`)."""
+    if not key:
+        return [], []
+    q = quote(key)
+    if isinstance(lo, int) and isinstance(hi, int):
+        return [f"{q} BETWEEN ? AND ?"], [lo, hi]
+    terms, params = [], []
+    for op, bound in ((">", lo), ("<=", hi)):
+        if bound is not None:
+            marker, value = _bound_parameter(schema, key, bound)
+            terms.append(f"{q} {op} {marker}")
+            params.append(value)
+    return terms, params
+
+
+def _bound_parameter(schema: TableSchema, key: str, bound: int | bytes) -> tuple[str, Any]:
+    """A sampled bound as a parameter: text keys compare as the exact bytes Firebird gave
+    (OCTETS, so no character set conversion can change them); other keys as their text."""
+    column = schema.column(key)
+    if isinstance(bound, bytes) and column is not None and column.is_text:
+        return f"CAST(? AS VARCHAR({_octets(column)}) CHARACTER SET OCTETS)", bound
+    return "?", bound.decode("ascii") if isinstance(bound, bytes) else bound
+
+
+def _octets(column: Column) -> int:
+    # Bytes a value of the column can take: up to four per character (UTF8).
+    return max(column.length, 1) * 4
+
+
+def sample_bounds(con: Any, schema: TableSchema, key: str, after: bytes | None, every: int,
+                  where: str = "", params: tuple[Any, ...] = ()) -> list[bytes]:
+    """Boundaries cutting the rows with key > `after` (and `where`) into ranges of about
+    `every` rows: every `every`-th key in key order, then the largest. Text keys come back as
+    their exact bytes, other keys as their text. [] when there is no such row."""
+    column = schema.column(key)
+    q = quote(key)
+    value = (f"CAST({q} AS VARCHAR({_octets(column)}) CHARACTER SET OCTETS)"
+             if column is not None and column.is_text else f"CAST({q} AS VARCHAR(64))")
+    terms, args = range_condition(schema, key, after, None)
+    terms += [f"{q} IS NOT NULL"] + ([where] if where else [])
+    sql = (f"SELECT v FROM (SELECT {value} AS v, ROW_NUMBER() OVER (ORDER BY {q}) AS n, "
+           f"COUNT(*) OVER () AS total FROM {quote(schema.table)} WHERE " + " AND ".join(terms)
+           + ") WHERE MOD(n, ?) = 0 OR n = total ORDER BY n")
+    cur = con.cursor()
+    try:
+        cur.execute(sql, [*args, *params, every])
+        found = [v if isinstance(v, bytes) else str(v).encode("ascii")
+                 for (v,) in cur.fetchall()]
+    finally:
+        cur.close()
+    # A key that repeats (a split column need not be unique) bounds one range only.
+    return list(dict.fromkeys(found))
+
+
+def null_keys(con: Any, schema: TableSchema, key: str) -> int:
+    """Rows whose key is NULL: no key range would ever read them."""
+    column = schema.column(key)
+    if column is not None and column.not_null:
+        return 0
+    cur = con.cursor()
+    try:
+        cur.execute(f"SELECT COUNT(*) FROM {quote(schema.table)} WHERE {quote(key)} IS NULL")
+        return int(cur.fetchone()[0])
+    finally:
+        cur.close()
 
 
 # Firebird status codes (iberror.h) that say the server or the connection went away: a

@@ -12,14 +12,14 @@ import multiprocessing
 import traceback
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from etl_tasks.demo_data import make_billing_db
-from etl_tasks.sources import firebird
+from etl_tasks.sources import firebird, firebird_schema
 from etl_tasks.sources.firebird import CLAIM_COLUMNS, RANGE_BLOCK_SIZE, FirebirdTarget
 
 pytestmark = pytest.mark.integration
@@ -50,9 +50,10 @@ PLANTED: dict[int, tuple[str | None, str | None, str | None]] = {
     CLAIMS: ("last\r", 'Line1\nLine2, "quoted"; end', "\n\n"),
 }
 
-# A legacy copy of the table whose AMOUNT is text, so that a real range fails to parse (no
-# BILLING_CLAIMS value can break the CSV): a comma in AMOUNT adds a CSV column, a word fails
-# the decimal conversion, and Arrow's message for either quotes the row or the value.
+# A legacy copy of the table whose AMOUNT is text, read with the columns reflected from
+# BILLING_CLAIMS (as if the table changed after the plan), so that a real range fails to
+# parse (no BILLING_CLAIMS value can break the CSV): a comma in AMOUNT adds a CSV column, a
+# word fails the decimal conversion, and Arrow's message for either quotes the row or value.
 CANARY = "P-CANARY-0042"
 _LEGACY_DDL = """CREATE TABLE LEGACY_CLAIMS (
     CLAIM_ID BIGINT NOT NULL PRIMARY KEY, PATIENT_ID VARCHAR(20), PROVIDER_NPI CHAR(10),
@@ -99,20 +100,36 @@ def _select(target: FirebirdTarget, lo: int, hi: int) -> list[tuple[Any, ...]]:
 def _range_csv(target: FirebirdTarget, lo: int, hi: int) -> str | None:
     con = firebird.connect(target)
     try:
-        return firebird.fetch_range_csv(con, "BILLING_CLAIMS", "CLAIM_ID", lo, hi)
+        schema = firebird_schema.reflect(con, "BILLING_CLAIMS")
+        raw = firebird.fetch_range_text(con, schema, "CLAIM_ID", lo, hi)
+        return raw.decode("utf-8") if raw is not None else None
+    finally:
+        con.close()
+
+
+def _reflected(target: FirebirdTarget) -> list[tuple[str, Any, bool]]:
+    """In the child: BILLING_CLAIMS as reflection sees it (name, staged type, is text)."""
+    con = firebird.connect(target)
+    try:
+        schema = firebird_schema.reflect(con, "BILLING_CLAIMS")
+        return [(c.name, c.arrow, c.is_text) for c in schema.columns]
     finally:
         con.close()
 
 
 def _fetch(target: FirebirdTarget, table: str, lo: int, hi: int,
            block_sizes: list[int]) -> dict[int, Any]:
-    """In the child: per block size, fetch_range's rows as tuples, or what it raised."""
+    """In the child: per block size, fetch_range's rows as tuples, or what it raised. The
+    columns read are BILLING_CLAIMS's, as a run's plan recorded them: LEGACY_CLAIMS stands
+    for the claims table changed after the plan (its AMOUNT now text)."""
     con = firebird.connect(target)
     results: dict[int, Any] = {}
     try:
+        planned = firebird_schema.reflect(con, "BILLING_CLAIMS")
         for block_size in block_sizes:
             try:
                 table_ = firebird.fetch_range(con, table, "CLAIM_ID", lo, hi,
+                                              schema=replace(planned, table=table),
                                               block_size=block_size)
             except Exception as exc:  # noqa: BLE001 - described to the parent, which asserts
                 results[block_size] = {
@@ -165,6 +182,11 @@ def _straddling_block_sizes(text: str, values: list[str]) -> list[int]:
     return sorted(size for size in sizes if size >= 1_000)
 
 
+def test_reflection_gives_the_claim_columns(text_db):
+    """The claim path is the generic one: reflecting BILLING_CLAIMS gives CLAIM_COLUMNS."""
+    assert text_db.call(_reflected) == CLAIM_COLUMNS
+
+
 def test_every_text_value_reads_back_exactly_as_the_driver_returns_it(text_db):
     """Newlines, CR, quotes, commas, semicolons, spaces, '' and NULL read back exactly."""
     expected = text_db.call(_select, 1, CLAIMS)
@@ -194,7 +216,8 @@ def test_a_newline_value_where_the_reader_cuts_its_input_reads_back_exactly(text
 
 
 def test_a_range_that_cannot_be_parsed_is_fatal_and_never_quotes_a_row(text_db):
-    """A range Firebird really returns that Arrow cannot parse is fatal, naming no value."""
+    """A range Firebird really returns that Arrow cannot parse (the table changed after the
+    plan reflected it) is fatal, naming no value."""
     results = text_db.call(_fetch, "LEGACY_CLAIMS", 1, 1, [RANGE_BLOCK_SIZE])
     columns = results[RANGE_BLOCK_SIZE]
     assert columns["type"] == "FatalError"
