@@ -41,6 +41,17 @@ def _firebird_target() -> FirebirdTarget:
     return get_resources().firebird_target
 
 
+@cli.command("staging-key")
+def staging_key() -> None:
+    """Print a new staging key (base64 of 32 random bytes) for ETL_STAGING_KEYS or the file
+    ETL_STAGING_KEY_FILE names. To rotate: put it first on every host, keep the old one after
+    it until staged payloads have expired (ETL_STAGE_TTL_S), then drop the old one
+    (docs/operations.md)."""
+    from etl_tasks.sealing import new_key
+
+    print(new_key())
+
+
 @cli.command("demo-data")
 def demo_data(
     claims: Annotated[int, typer.Option(help="Billing claims to generate in Firebird.")] = 100_000,
