@@ -84,9 +84,11 @@ def _advance_sampled(r: redis.Redis, source: str, units: list[Unit], done: set[s
     order by token equality, never comparing keys (Python's order is not Firebird's)."""
     mark = sampled_high_water(r, source)
     ranges = [u for u in units if u.kind == "range"]
-    if not ranges or ranges[0].text_lo != mark:
+    ends = [u.text_hi for u in ranges]
+    if not ranges or mark not in (ranges[0].text_lo, *ends):
         return mark  # this run's ranges do not start at the mark (an older run, --full)
-    for unit in ranges:
+    # From the range after the mark (the run's first, or one after an earlier advance).
+    for unit in ranges[ends.index(mark) + 1 if mark in ends else 0:]:
         if unit.unit_id not in done:
             break
         mark = unit.text_hi

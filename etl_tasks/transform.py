@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, cast
 
 import numpy as np
@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from etl_tasks import datasets
+from etl_tasks import checks, datasets
 from etl_tasks.datasets import DatasetSpec
 from etl_tasks.errors import FatalError
 from etl_tasks.validate import (
@@ -109,10 +109,14 @@ def transform_chunk(
             return TransformResult(valid=verdict.valid, quarantined=quarantined)
         dataset = spec.name
     dataset = cast("Dataset", dataset)
+    # Read before _conform keeps only the contract's columns: text that was not valid in
+    # the table's character set (a Firebird range's marker) quarantines its claim.
+    marked = table.select([c for c in table.column_names if c == checks.UNDECODABLE])
     table = _conform(dataset, table)
     if dataset == "billing_claims":
         source_ref = _claim_refs(table["claim_id"])
         report = validate_batch(_billing_frame(table), BILLING_CLAIMS)
+        report = replace(report, failures=checks._undecodable(marked, report.failures))
         keep = np.ones(table.num_rows, dtype=bool)
         keep[list(report.failures)] = False
         # The valid rows come from the Arrow table itself, so decimals stay exact.
