@@ -122,8 +122,10 @@ def run_source(source: str, *, path: str | None = None, since: datetime | None =
             retry=retry))
         CELERY.plan(run_id, source)
     except redis.ConnectionError as exc:
-        raise FatalError(f"cannot reach Redis at {res.settings.redis_url}; start it or set "
-                         "ETL_REDIS_URL") from exc
+        # The address without credentials; a refused password or a failed TLS handshake
+        # names its setting instead.
+        raise FatalError(res.redis_conn.explain(exc) or f"cannot reach Redis at "
+                         f"{res.redis_conn.where}; start it or set ETL_REDIS_URL") from exc
     return RunHandle(run_id, source)
 
 

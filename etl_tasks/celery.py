@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
 from celery import Celery
+from celery.signals import celeryd_init
 from kombu.entity import Queue
 
 from etl_tasks.config import get_settings
+from etl_tasks.errors import FatalError
 from etl_tasks.monitoring import logs
+from etl_tasks.redis_conn import RedisConn, conn_from
 
 settings = get_settings()
 # Every Celery process (workers, their pool children, beat) logs through structlog.
 logs.hook_celery(settings.log_format)
 
 # Its Redis (broker, result backend, beat's schedule and lock) is set by use_redis, below.
-app = Celery("etl_tasks", include=["etl_tasks.tasks"])
+# amqp: kombu's connection, surviving a broker that dies mid-read (redis_conn.py).
+app = Celery("etl_tasks", include=["etl_tasks.tasks"], amqp="etl_tasks.redis_conn:CeleryAMQP")
 
 # Longest wait before a message held by a dead worker is redelivered. It must exceed the hard
 # time limit and the longest retry countdown, or Redis re-delivers a task still running.
@@ -77,15 +84,39 @@ import beat_schedule  # noqa: E402 - the schedule needs the settings loaded abov
 app.conf.beat_schedule = beat_schedule.BEAT_SCHEDULE
 
 
+_redis: RedisConn
+# What use_redis merges Redis's own options into (sentinel, credentials).
+_BASE_OPTIONS = {key: dict(app.conf[key]) for key in (
+    "broker_transport_options", "result_backend_transport_options", "redbeat_redis_options")}
+
+
 def use_redis(url: str) -> None:
     """Point the app at a Redis: at import, the project's ETL_REDIS_URL; the CLI, another one
-    after starting it. The one place where that URL becomes Celery's and redbeat's settings."""
-    app.conf.broker_url = url
-    app.conf.result_backend = url
-    app.conf.redbeat_redis_url = url
+    after starting it. The one place where that URL (with the password, TLS and Sentinel
+    settings, redis_conn.py) becomes Celery's and redbeat's settings."""
+    global _redis
+    _redis = conn_from(get_settings(), url)
+    conf = _redis.celery_conf()
+    for key, base in _BASE_OPTIONS.items():
+        conf[key] = {**base, **conf[key]}
+    app.conf.update(conf)
     # redbeat caches its settings and client on the app: forget them so they follow.
     for cached in ("redbeat_conf", "redbeat_redis", "redbeat_sentinel"):
         app.__dict__.pop(cached, None)
+
+
+def check_redis(**_: Any) -> None:
+    """A worker or beat whose Redis refuses its password, master name or TLS stops at once
+    saying which setting to fix, where Celery would retry the connection for ever (beat's
+    scheduler calls it: redbeat reads Redis before beat_init)."""
+    try:
+        _redis.check()
+    except FatalError as exc:
+        logging.getLogger("etl.redis").critical("%s", exc)
+        raise SystemExit(f"error: {exc}") from None
+
+
+celeryd_init.connect(check_redis, weak=False)
 
 
 use_redis(settings.redis_url)

@@ -179,6 +179,7 @@ def run(
     names = [s.name for s in get_resources().pipeline.sources] if all_sources else sources
     if not names:
         raise typer.BadParameter("name at least one source, or use --all")
+    get_resources().redis_conn.check()  # a wrong password: say so now, not after retries
     missing = _missing_consumers()
     for message in missing:
         err.print(f"[yellow]{message}[/yellow]", soft_wrap=True)
@@ -687,7 +688,11 @@ def _missing_consumers(timeout: float = 1.5,
 
 
 def main() -> None:
+    from kombu.exceptions import OperationalError
+    from redis import RedisError
+
     from etl_tasks.monitoring import logs
+    from etl_tasks.resources import get_resources
 
     try:
         # Warnings and errors of the libraries go to stderr as structured lines; the
@@ -698,6 +703,14 @@ def main() -> None:
         # escape: the message starts with its source in brackets ("[duckdb] ..."), which rich
         # would otherwise take for markup and drop.
         err.print(f"[red]error:[/red] {escape(str(exc))}")
+        sys.exit(2)
+    except (RedisError, OperationalError) as exc:
+        # A refused password, an unknown master, a failed TLS handshake: the setting to fix
+        # rather than a traceback. Redis being down stays an error of its own.
+        problem = get_resources().redis_conn.explain(exc)
+        if problem is None:
+            raise
+        err.print(f"[red]error:[/red] {escape(problem)}")
         sys.exit(2)
 
 

@@ -31,7 +31,29 @@ class Settings(BaseSettings):
     """Name of the environment, shown in logs and Sentry."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Broker, result backend, checkpoints and chunk staging. `etl demo` starts its own
-    redis-server when ETL_REDIS_URL is not set."""
+    redis-server when ETL_REDIS_URL is not set. `redis://host:port/db`, `rediss://...`
+    (TLS) or `sentinel://host:port/db;sentinel://host2:port` (the sentinels of a master
+    named by ETL_REDIS_MASTER_NAME). Translated for every client in redis_conn.py."""
+    redis_master_name: str | None = None
+    """With Sentinel: the name the sentinels monitor the master under."""
+    redis_username: str | None = None
+    """An ACL user; unset: the default user (requirepass)."""
+    redis_password: SecretStr | None = None
+    """The Redis password (masked wherever a URL is shown; never in a log or message)."""
+    redis_password_file: Path | None = None
+    """Or a file holding it (a Docker/Kubernetes secret); one trailing newline is ignored."""
+    redis_sentinel_password: SecretStr | None = None
+    """The sentinels' own password (their requirepass), when they have one."""
+    redis_sentinel_password_file: Path | None = None
+    """Or a file holding it."""
+    redis_tls: bool = False
+    """Reach every Redis node (sentinels included) over TLS; implied by a rediss:// URL."""
+    redis_tls_ca_file: Path | None = None
+    """CA certificates that signed the servers' certificates (default: the system's)."""
+    redis_tls_cert_file: Path | None = None
+    """A client certificate, for servers that ask for one (tls-auth-clients)."""
+    redis_tls_key_file: Path | None = None
+    """The client certificate's private key."""
     data_dir: Path = Path("data")
     """Where the demo data, the DuckDB file and local state live by default."""
     duckdb_path: Path = Path("data/warehouse.duckdb")

@@ -12,6 +12,7 @@ from functools import cached_property
 import redis
 
 from etl_tasks.config import PipelineConfig, Settings, get_settings, load_pipeline
+from etl_tasks.redis_conn import RedisConn, conn_from
 from etl_tasks.sealing import Sealer, sealer_from
 from etl_tasks.sources.firebird import ConnectionPool, FirebirdTarget
 
@@ -25,8 +26,14 @@ class Resources:
         self.pipeline = load_pipeline(self.settings)
 
     @cached_property
+    def redis_conn(self) -> RedisConn:
+        """Where Redis is and how to reach it (password, TLS, Sentinel): redis_conn.py."""
+        return conn_from(self.settings)
+
+    @cached_property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.settings.redis_url, health_check_interval=30)
+        # With Sentinel, a client that asks for the master at each (re)connection.
+        return self.redis_conn.client(health_check_interval=30)
 
     @cached_property
     def sealer(self) -> Sealer:

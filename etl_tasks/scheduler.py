@@ -46,6 +46,8 @@ from redbeat.schedulers import (
 )
 from redis.exceptions import LockNotOwnedError, RedisError
 
+from etl_tasks.celery import check_redis
+
 logger = get_logger("celery.beat")
 
 # LeaderScheduler.tick takes the lock; redbeat's receiver would block beat_init until it has
@@ -64,6 +66,10 @@ class LeaderScheduler(RedBeatScheduler):  # type: ignore[misc]  # redbeat is unt
 
     lock: Any = None
     _standing_by = False
+
+    def __init__(self, app: Any, **kwargs: Any) -> None:
+        check_redis()  # a wrong password or master name: stop saying so, before redbeat
+        super().__init__(app, **kwargs)
 
     def tick(self, min: Any = min, **kwargs: Any) -> float:
         try:

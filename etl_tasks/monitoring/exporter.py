@@ -21,7 +21,6 @@ from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, get_args
 
-import redis
 from kombu.transport.redis import PRIORITY_STEPS, Channel
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
@@ -249,8 +248,7 @@ def collector(last: int = 20, timeout_s: float = 5.0) -> EtlCollector:
     res = get_resources()
     sources = [s.name for s in res.pipeline.sources]
     # Not res.redis: its calls wait for ever on a Redis that stopped answering.
-    client = redis.Redis.from_url(res.settings.redis_url, socket_timeout=timeout_s,
-                                  socket_connect_timeout=timeout_s)
+    client = res.redis_conn.client(socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
     options = dict(app.conf.broker_transport_options or {})
     # DuckDB held past this wait: the run figures come from Redis's run records, leaving the
     # rest of the timeout for them and for the workers' 1 s to answer.
