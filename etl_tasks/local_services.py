@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -27,6 +28,25 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA certificate and a certificate and key it signed (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    def directives(self) -> dict[str, str]:
+        """redis-server's and redis-sentinel's TLS directives: clients need not show a
+        certificate; replication and a sentinel's links to the servers use TLS too."""
+        return {"tls-cert-file": str(self.cert), "tls-key-file": str(self.key),
+                "tls-ca-cert-file": str(self.ca), "tls-auth-clients": "optional",
+                "tls-replication": "yes"}
+
+    def client_options(self) -> dict[str, Any]:
+        return {"ssl": True, "ssl_ca_certs": str(self.ca)}
+
+
 @dataclass
 class RedisServer:
     """A redis-server on a free loopback port, append-only file in `directory`.
@@ -34,6 +54,9 @@ class RedisServer:
     With `appendonly=False` it keeps nothing: a restart starts empty (the fault tests' case).
     `maxmemory` bounds it with `noeviction`: a full Redis refuses writes (staging treats that
     as a transient error) rather than evicting queues, run state or staged chunks.
+    `password` sets requirepass (and masterauth, so it can follow a master with the same
+    one); it never goes in `url`: clients take it from ETL_REDIS_PASSWORD. With `tls` the
+    port speaks TLS only (`rediss://`). `replica_of` makes it a replica of that server.
     """
 
     directory: Path
@@ -41,10 +64,19 @@ class RedisServer:
     process: subprocess.Popen[bytes] | None = None
     appendonly: bool = True
     maxmemory: str = "1gb"
+    password: str | None = field(default=None, repr=False)
+    tls: TlsFiles | None = None
+    replica_of: RedisServer | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.port}/0"
+
+    def client(self, **options: Any) -> redis.Redis:
+        """A client of this very server (not following a failover), with its password."""
+        tls = self.tls.client_options() if self.tls else {}
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                           **tls, **options)
 
     def start(self) -> RedisServer:
         binary = shutil.which("redis-server")
@@ -52,23 +84,26 @@ class RedisServer:
             raise FatalError("redis-server is not installed: run `sudo apt-get install "
                              "redis-server` (or set ETL_REDIS_URL to a running Redis)")
         self.directory.mkdir(parents=True, exist_ok=True)
+        ports = ["--port", str(self.port)] if self.tls is None else \
+            ["--port", "0", "--tls-port", str(self.port),
+             *(arg for key, value in self.tls.directives().items()
+               for arg in (f"--{key}", value))]
+        auth = [] if self.password is None else \
+            ["--requirepass", self.password, "--masterauth", self.password]
+        # A replica's first sync starts at once, not after the 5 s diskless-sync delay.
+        follow = ["--repl-diskless-sync-delay", "0"] + (
+            [] if self.replica_of is None else
+            ["--replicaof", "127.0.0.1", str(self.replica_of.port)])
         self.process = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir",
+            [binary, *ports, "--bind", "127.0.0.1", "--dir",
              str(self.directory.resolve()), "--appendonly", "yes" if self.appendonly else "no",
              "--appendfsync", "everysec", "--save", "", "--logfile", "redis.log",
-             "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction"],
+             "--maxmemory", self.maxmemory, "--maxmemory-policy", "noeviction",
+             *auth, *follow],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis.from_url(self.url)
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                if client.ping():
-                    return self
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise FatalError(f"redis-server did not start; see "
-                                     f"{self.directory / 'redis.log'}") from None
-                time.sleep(0.05)
+        _wait_for_ping(self.client(), self.process, self.directory / "redis.log",
+                       "redis-server")
+        return self
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -81,6 +116,112 @@ class RedisServer:
         append-only file kept, or empty when it keeps none."""
         self.stop(signal.SIGKILL)
         return self.start()
+
+    def wait_replicated(self, timeout: float = 15) -> None:
+        """Block until a replica of this server streams its writes: after its first sync a
+        replica receives them only once it acknowledged (within a second)."""
+        client = self.client()
+        client.set("etl:replication:probe", time.time())
+        if client.wait(1, int(timeout * 1000)) < 1:
+            raise FatalError(f"no replica of redis-server :{self.port} acknowledged a write "
+                             f"within {timeout:.0f}s; see {self.directory / 'redis.log'}")
+
+
+def _wait_for_ping(client: redis.Redis, process: subprocess.Popen[bytes], log: Path,
+                   what: str) -> None:
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            if client.ping():
+                return
+        except redis.ConnectionError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise FatalError(f"{what} did not start; see {log}") from None
+            time.sleep(0.05)
+
+
+SENTINEL_PACKAGE = "redis-sentinel"
+
+
+@dataclass
+class RedisSentinel:
+    """A redis-sentinel (Debian's package, not its system service) on a free loopback port,
+    watching `master` as `master_name`; its config (which Sentinel rewrites as it learns) and
+    log live in `directory`.
+
+    Failover is quick for tests: the master is down after `down_after_ms` without an answer,
+    and with one sentinel a quorum of 1 starts the failover at once. `password` is the
+    sentinel's own requirepass (ETL_REDIS_SENTINEL_PASSWORD); the master's password, if any,
+    is given to it with `sentinel auth-pass`. With TLS on the master, the sentinel speaks
+    TLS both ways. Sentinels started on the same master find each other through it.
+    """
+
+    directory: Path
+    master: RedisServer
+    master_name: str = "etl"
+    quorum: int = 1
+    port: int = field(default_factory=free_port)
+    password: str | None = field(default=None, repr=False)
+    down_after_ms: int = 1000
+    failover_timeout_ms: int = 5000
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"sentinel://127.0.0.1:{self.port}/0"
+
+    def client(self) -> redis.Redis:
+        """A client of this sentinel (SENTINEL commands)."""
+        tls = self.master.tls
+        options = tls.client_options() if tls else {}
+        return redis.Redis(host="127.0.0.1", port=self.port, password=self.password,
+                           decode_responses=True, **options)
+
+    def start(self) -> RedisSentinel:
+        binary = shutil.which("redis-sentinel")
+        if binary is None:
+            raise FatalError(f"redis-sentinel is not installed: run `sudo apt-get install "
+                             f"{SENTINEL_PACKAGE}` (`make test` installs it; its system "
+                             "service is not used)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        name, tls = self.master_name, self.master.tls
+        lines = [f"port {0 if tls else self.port}", "bind 127.0.0.1",
+                 f"dir {self.directory.resolve()}", "logfile sentinel.log",
+                 f"sentinel monitor {name} 127.0.0.1 {self.master.port} {self.quorum}",
+                 f"sentinel down-after-milliseconds {name} {self.down_after_ms}",
+                 f"sentinel failover-timeout {name} {self.failover_timeout_ms}",
+                 f"sentinel parallel-syncs {name} 1"]
+        if self.master.password is not None:
+            lines.append(f"sentinel auth-pass {name} {self.master.password}")
+        if self.password is not None:  # its own, and the one its peers have
+            lines += [f"requirepass {self.password}", f"sentinel sentinel-pass {self.password}"]
+        if tls:
+            lines.append(f"tls-port {self.port}")
+            lines += [f"{key} {value}" for key, value in tls.directives().items()]
+        config = self.directory / "sentinel.conf"
+        config.write_text("\n".join(lines) + "\n")
+        self.process = subprocess.Popen([binary, str(config)], stdout=subprocess.DEVNULL,
+                                        stderr=subprocess.DEVNULL)
+        _wait_for_ping(self.client(), self.process, self.directory / "sentinel.log",
+                       "redis-sentinel")
+        return self
+
+    def master_port(self) -> int | None:
+        """The port of the server this sentinel names master now (None: it names none)."""
+        address: Any = self.client().sentinel_get_master_addr_by_name(self.master_name)
+        return int(address[1]) if address else None
+
+    def knows_replicas(self) -> int:
+        """How many replicas of the master this sentinel sees up (a failover needs one)."""
+        replicas = self.client().sentinel_slaves(self.master_name)
+        return sum(1 for r in replicas if not {"s_down", "o_down", "disconnected"} &
+                   set(str(r.get("flags", "")).split(",")))
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(sig)
+            self.process.wait(timeout=30)
+        self.process = None
 
 
 @dataclass

@@ -7,7 +7,10 @@ copy of a small demo database, a pipeline config with manual schedules, and the 
 loader and beat as real processes with the stack's environment plus the test's fault points.
 With `firebird_server=True` the billing source is a private Firebird server instead (Debian's
 firebird3.0-server on a free loopback port, `FaultStack.firebird_server`, to stop, kill and
-start again) holding a fresh demo database made through it.
+start again) holding a fresh demo database made through it. Redis can ask for a password
+(`redis_password`), speak TLS only (`redis_tls`, a CA and certificate made by the test), and
+be a master with a replica watched by `sentinels` redis-sentinel processes, the stack's
+processes reaching it through `sentinel://` URLs (`FaultStack.replica`, `.sentinels`).
 While the stack is open, `etl_tasks` in the test process points at it; on exit everything is
 killed and the previous settings come back, even when the test failed.
 """
@@ -31,9 +34,17 @@ import redis
 from etl_tasks.celery import app, use_redis
 from etl_tasks.config import get_settings
 from etl_tasks.load import duckdb as store
-from etl_tasks.local_services import FirebirdServer, RedisServer, Worker, wait_for_workers
+from etl_tasks.local_services import (
+    FirebirdServer,
+    RedisSentinel,
+    RedisServer,
+    Worker,
+    wait_for_workers,
+)
+from etl_tasks.redis_conn import RedisConn, conn_from
 from etl_tasks.resources import reset_resources
 from etl_tasks.sources.firebird import FirebirdTarget, connect
+from tests.integration.tls_files import make_tls_files
 
 CLAIMS = 12_000
 CHUNK_SIZE = 2_000  # six key ranges: billing:keys:1-2000 ... billing:keys:10001-12000
@@ -114,6 +125,11 @@ class FaultStack:
     """time.monotonic() when the test saw the run end."""
     firebird_server: FirebirdServer | None = None
     """The source's Firebird server, when the stack has one (else the embedded engine)."""
+    replica: RedisServer | None = None
+    """With sentinels: the replica of `redis_server` (the master until a failover)."""
+    sentinels: list[RedisSentinel] = field(default_factory=list)
+    redis_conn: RedisConn | None = None
+    """How the stack's processes reach Redis (set once the stack's settings are in place)."""
 
     # -- processes ------------------------------------------------------------------------
     def start_worker(self, role: str, name: str | None = None, extra_env: dict[str, str] | None
@@ -188,14 +204,18 @@ class FaultStack:
     def close(self) -> None:
         for name in list(self.workers):
             self.kill(name)
-        self.redis_server.stop(signal.SIGKILL)
+        for server in (*self.sentinels, self.replica, self.redis_server):
+            if server is not None:
+                server.stop(signal.SIGKILL)
         if self.firebird_server is not None:
             self.firebird_server.kill()
 
     # -- Redis ----------------------------------------------------------------------------
     @property
     def redis(self) -> redis.Redis:
-        return redis.Redis.from_url(self.redis_server.url, decode_responses=True)
+        """A client of the stack's Redis (its password, TLS; the master of the moment)."""
+        assert self.redis_conn is not None
+        return self.redis_conn.client(decode_responses=True)
 
     def restart_redis(self) -> None:
         """kill -9 redis-server and start it on the same port: empty, or from its AOF."""
@@ -256,13 +276,18 @@ def fault_stack(root: Path, template: Path, runtime_dir: Path, *, appendonly: bo
                 location: str = "BILLING_CLAIMS", schedule: str = '"manual"',
                 env: dict[str, str] | None = None, chunk_size: int = CHUNK_SIZE,
                 maxmemory: str = "256mb", firebird_server: bool = False,
-                pipeline_extra: str = "") -> Iterator[FaultStack]:
+                pipeline_extra: str = "", redis_password: str | None = None,
+                redis_tls: bool = False, sentinels: int = 0) -> Iterator[FaultStack]:
     """A FaultStack with Redis up and this process pointed at it; no worker started yet.
 
     runtime_dir must be the Firebird runtime folder this process already uses (its lock
     folder is shared by every process opening a database). With `firebird_server`, the
     stack's ETL_FIREBIRD_DSN names a CLAIMS-claim database on its own Firebird server.
     `pipeline_extra` is TOML appended to the pipeline config (more sources, thresholds).
+    `redis_password` goes to the stack's processes in ETL_REDIS_PASSWORD_FILE; with
+    `redis_tls` they get ETL_REDIS_TLS_CA_FILE (and rediss:// or ETL_REDIS_TLS); with
+    `sentinels`, sentinel:// URLs and ETL_REDIS_MASTER_NAME, the sentinels asking for the
+    password + "-sentinel" when there is a password.
     """
     saved = dict(os.environ)
     data = root / "data"
@@ -271,7 +296,9 @@ def fault_stack(root: Path, template: Path, runtime_dir: Path, *, appendonly: bo
     (root / "pipeline.toml").write_text(PIPELINE.format(location=location, schedule=schedule,
                                                         chunk_size=chunk_size)
                                           + pipeline_extra)
-    server = RedisServer(root / "redis", appendonly=appendonly, maxmemory=maxmemory)
+    tls = make_tls_files(root / "tls") if redis_tls else None
+    server = RedisServer(root / "redis", appendonly=appendonly, maxmemory=maxmemory,
+                         password=redis_password, tls=tls)
     base = {k: v for k, v in saved.items() if not k.startswith("ETL_FAULT_")}
     stack_env = {
         **base,
@@ -286,6 +313,7 @@ def fault_stack(root: Path, template: Path, runtime_dir: Path, *, appendonly: bo
         **FAST_SUPERVISOR,
         **(env or {}),
     }
+    stack_env.update(_redis_env(root, server, redis_password, sentinels))
     fb_server = FirebirdServer(root / "firebird") if firebird_server else None
     if fb_server is not None:
         stack_env["ETL_FIREBIRD_DSN"] = (env or {}).get(
@@ -293,13 +321,54 @@ def fault_stack(root: Path, template: Path, runtime_dir: Path, *, appendonly: bo
     stack = FaultStack(root, stack_env, server, firebird_server=fb_server)
     try:
         server.start()
+        if sentinels:
+            _start_sentinels(stack, sentinels, redis_password)
         if fb_server is not None:
             from etl_tasks.demo_data import make_billing_db
 
             fb_server.start()
             make_billing_db(stack.firebird_target, CLAIMS)
         point_process_at(stack_env)
+        stack.redis_conn = conn_from(get_settings())
         yield stack
     finally:
         stack.close()
         point_process_at(saved)
+
+
+SENTINEL_MASTER = "etl"
+
+
+def _redis_env(root: Path, server: RedisServer, password: str | None,
+               sentinels: int) -> dict[str, str]:
+    """ETL_REDIS_* for a stack whose Redis has a password, TLS or sentinels."""
+    env: dict[str, str] = {}
+    if password is not None:
+        secret = root / "secrets" / "redis-password"
+        secret.parent.mkdir(parents=True, exist_ok=True)
+        secret.write_text(password + "\n")  # as a secrets file often ends
+        env["ETL_REDIS_PASSWORD_FILE"] = str(secret)
+        if sentinels:
+            env["ETL_REDIS_SENTINEL_PASSWORD"] = password + "-sentinel"
+    if server.tls is not None:
+        env.update(ETL_REDIS_TLS="true", ETL_REDIS_TLS_CA_FILE=str(server.tls.ca))
+    if sentinels:
+        env.update(ETL_REDIS_MASTER_NAME=SENTINEL_MASTER)
+    return env
+
+
+def _start_sentinels(stack: FaultStack, count: int, password: str | None) -> None:
+    """A replica of the stack's Redis and `count` sentinels (quorum: a majority) watching
+    it; the stack's ETL_REDIS_URL names the sentinels once they know the replica."""
+    master = stack.redis_server
+    stack.replica = RedisServer(stack.root / "replica", appendonly=master.appendonly,
+                                maxmemory=master.maxmemory, password=master.password,
+                                tls=master.tls, replica_of=master).start()
+    master.wait_replicated()
+    for n in range(count):
+        stack.sentinels.append(RedisSentinel(
+            stack.root / f"sentinel{n}", master, SENTINEL_MASTER, quorum=count // 2 + 1,
+            password=None if password is None else password + "-sentinel").start())
+    wait_until(lambda: all(s.knows_replicas() for s in stack.sentinels), 30,
+               "the sentinels to see the replica")
+    stack.env["ETL_REDIS_URL"] = ";".join(s.url for s in stack.sentinels)
