@@ -7,8 +7,9 @@
 # port to stop and kill it; they never use the package's own service, whether or not it
 # runs. Non-interactive, its debconf question is not asked and the package gives its own
 # service's SYSDBA a random password, which the tests do not need; prometheus, which the
-# tests start privately to scrape the exporter, chromium, which renders `etl report`, and
-# iproute2, whose `ip` makes the network namespaces of the multi-host test).
+# tests start privately to scrape the exporter, chromium, which renders `etl report`,
+# iproute2, whose `ip` makes the network namespaces of the multi-host test, and
+# redis-sentinel, whose sentinels the failover tests start privately, never its service).
 
 PYTHON ?= python3
 VENV   ?= .venv
@@ -45,6 +46,7 @@ system-deps:
 	  command -v prometheus >/dev/null 2>&1 || missing="$$missing prometheus"; \
 	  command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
 	  command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	  command -v redis-sentinel >/dev/null 2>&1 || missing="$$missing redis-sentinel"; \
 	fi; \
 	if [ -n "$$missing" ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && { [ "$$(id -u)" = 0 ] || command -v sudo >/dev/null 2>&1; }; then \
