@@ -195,11 +195,15 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
         # Strictly newer: a re-read of the same version is left alone and counted unchanged.
         newer = f" AND i.{key.version} > t.{key.version}" if key.version else ""
         # Upsert: drop the stored versions this chunk supersedes, then insert what is new.
-        con.execute(f"DELETE FROM {table} t USING incoming i WHERE {match}{newer}")
+        # (Without a key a stored row equal to an incoming one is that row: it stays.)
+        if key.columns:
+            con.execute(f"DELETE FROM {table} t USING incoming i WHERE {match}{newer}")
         names, values = evolve.insert_columns(con, valid.schema)
+        # Without a key, a row repeated within the chunk is the same row: stored once.
+        distinct = "" if key.columns else "DISTINCT "
         inserted = con.execute(
-            f"INSERT INTO {table} ({names}, _run_id, _chunk_id, _loaded_at) SELECT {values}, "
-            f"?, ?, now() FROM incoming i WHERE NOT EXISTS (SELECT 1 FROM {table} t "
+            f"INSERT INTO {table} ({names}, _run_id, _chunk_id, _loaded_at) SELECT {distinct}"
+            f"{values}, ?, ?, now() FROM incoming i WHERE NOT EXISTS (SELECT 1 FROM {table} t "
             f"WHERE {match})",
             [run_id, chunk_id]).fetchone()
         # A row re-read in the same state (backfill, --full) is not quarantined twice.
