@@ -159,6 +159,12 @@ def test_etl_demo_runs_end_to_end_and_a_second_run_loads_nothing(tmp_path):
     summary = {s["source"]: s for s in json.loads(first.stdout)}
     assert summary["billing"]["loaded"] + summary["billing"]["quarantined"] == 5000
     assert summary["billing"]["quarantined"] == sum(manifest["billing"]["defects"].values())
+    # The second lab partner, declared in the packaged config, runs too: exactly its defects.
+    partner = manifest["partner_feeds"]
+    assert summary["partner_labs"]["quarantined"] == sum(sum(f["defects"].values())
+                                                         for f in partner)
+    assert summary["partner_labs"]["loaded"] + summary["partner_labs"]["quarantined"] == sum(
+        f["rows"] for f in partner)
     second = subprocess.run([etl, "demo", "--fleet", "1", "--json"], env=clean, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
