@@ -310,22 +310,33 @@ def sources_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the sources as JSON.")] = False,
 ) -> None:
     """The configured sources: kind, table or inbox, dataset and target table, columns (where
-    each is read from and its type), natural key and version, schedule and checkpoint (key
-    and updated marks, or files loaded). Checkpoints are left out, with a note, when Redis
-    cannot be reached."""
+    each is read from and its type; a Firebird table's reflected), natural key and version,
+    schedule and checkpoint (key and updated marks, or files loaded). Checkpoints are left
+    out, with a note, when Redis cannot be reached; a table's columns are the configured ones
+    when Firebird cannot be."""
     from redis import RedisError
 
-    from etl_tasks.catalog import describe
+    from etl_tasks.catalog import describe, reflected_columns
+    from etl_tasks.config import SourceConfig
     from etl_tasks.resources import get_resources
 
     res = get_resources()
+
+    def reflect(source: SourceConfig) -> list[dict[str, str | None]]:
+        with res.firebird_pool.connection() as con:
+            return reflected_columns(con, source)
+
     try:
         res.redis.ping()
-        found = describe(res.pipeline, res.settings, res.redis)
+        found = describe(res.pipeline, res.settings, res.redis, reflect)
     except RedisError as exc:
         err.print(f"[yellow]Redis unreachable ({type(exc).__name__}): checkpoints not "
                   "shown[/yellow]")
-        found = describe(res.pipeline, res.settings, None)
+        found = describe(res.pipeline, res.settings, None, reflect)
+    for s in found:
+        if s["columns_from"].startswith("config ("):
+            err.print(f"[yellow]{s['name']}: columns from the {escape(s['columns_from'])}"
+                      "[/yellow]")
     if as_json:
         print(json.dumps(found, indent=2))
         return

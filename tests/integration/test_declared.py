@@ -248,7 +248,12 @@ def test_a_partner_feed_and_a_form_added_by_configuration_load_exactly(world):
         ("clinician", "clinician", "text"), ("weight_kg", "Weight (kg)", "decimal(5,1)"),
         ("follow_up", "Follow-up", "sheet_date")]
     assert visits["checkpoint"] == {"files_loaded": 1}
+    assert harbor["columns_from"] == visits["columns_from"] == "config"
     billing = sources["billing"]
     assert (billing["table"], billing["key"], billing["version"]) == (
         "BILLING_CLAIMS", ["claim_id"], "updated_at")
+    # A Firebird table's columns as Firebird declares them.
+    assert billing["columns_from"] == "reflection"
+    assert billing["columns"][0] == {"name": "claim_id", "from": "CLAIM_ID", "type": "BIGINT"}
+    assert {"name": "amount", "from": "AMOUNT", "type": "NUMERIC(12,2)"} in billing["columns"]
     assert billing["checkpoint"]["key_mark"] == 0  # never run in this world
