@@ -19,7 +19,7 @@ import random
 import re
 import zipfile
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -68,6 +68,17 @@ def _plan_defects(
     return {pos: kinds[(offset + i) % len(kinds)] for i, pos in enumerate(positions)}
 
 
+def _planned_files(
+    rng: random.Random, files: int, rows: int, kinds: Sequence[str]
+) -> Iterator[tuple[int, dict[int, str]]]:
+    """Each file's index and defect plan, the kinds' cycle continuing from file to file."""
+    offset = 0
+    for index in range(files):
+        plan = _plan_defects(rng, rows, kinds, offset)
+        offset += len(plan)
+        yield index, plan
+
+
 def _write_atomically(path: Path, chunks: Iterable[bytes]) -> None:
     """Write beside the target, then rename, so an inbox scan never sees half a file."""
     part = path.with_name(f".{path.name}.part")
@@ -112,11 +123,8 @@ def write_lab_feeds(
     rng = random.Random(seed)
     inbox.mkdir(parents=True, exist_ok=True)
     manifests = []
-    offset = 0
-    for index in range(files):
+    for index, plan in _planned_files(rng, files, records_per_file, LAB_DEFECTS):
         codec, declared, namespace = _FEED_VARIANTS[index % len(_FEED_VARIANTS)]
-        plan = _plan_defects(rng, records_per_file, LAB_DEFECTS, offset)
-        offset += len(plan)
         name = f"lab_feed_{index + 1:03d}.xml"
         lines = _feed_lines(rng, index + 1, records_per_file, plan, declared, namespace)
         _write_atomically(inbox / name, _encode(lines, codec))
@@ -232,10 +240,7 @@ def write_partner_feeds(
     rng = random.Random(seed)
     inbox.mkdir(parents=True, exist_ok=True)
     manifests = []
-    offset = 0
-    for index in range(files):
-        plan = _plan_defects(rng, records_per_file, PARTNER_DEFECTS, offset)
-        offset += len(plan)
+    for index, plan in _planned_files(rng, files, records_per_file, PARTNER_DEFECTS):
         name = f"northside_{index + 1:03d}.xml"
         lines = _partner_lines(rng, index + 1, records_per_file, plan)
         _write_atomically(inbox / name, _encode(lines, "utf-8"))
@@ -340,10 +345,7 @@ def write_registrations(
     rng = random.Random(seed)
     inbox.mkdir(parents=True, exist_ok=True)
     manifests = []
-    offset = 0
-    for index in range(files):
-        plan = _plan_defects(rng, rows_per_file, REGISTRATION_DEFECTS, offset)
-        offset += len(plan)
+    for index, plan in _planned_files(rng, files, rows_per_file, REGISTRATION_DEFECTS):
         name = f"registrations_{index + 1:03d}.xlsx"
         titles, labels = _LAYOUTS[index % len(_LAYOUTS)]
         book = openpyxl.Workbook(write_only=True)
