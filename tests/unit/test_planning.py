@@ -40,12 +40,16 @@ def test_ranges_start_right_after_the_mark_and_are_cut_from_the_first_existing_k
     assert [(u.lo, u.hi) for u in units] == [(1, 10_100), (10_101, 10_150)]
 
 
-def test_packaged_pipeline_names_the_three_sources():
-    """The default pipeline config defines billing, lab_results and registrations."""
+def test_packaged_pipeline_names_the_demo_sources():
+    """The default pipeline config defines billing, lab_results, registrations and the
+    second lab partner, whose dataset it declares."""
     config = load_pipeline(Settings(pipeline_config=None))
-    assert [(s.name, s.kind, s.table) for s in config.sources] == [
-        ("billing", "firebird", "billing_claims"), ("lab_results", "xml", "lab_results"),
-        ("registrations", "excel", "patient_registrations")]
+    expected = {"billing": ("firebird", "billing_claims"), "lab_results": ("xml", "lab_results"),
+                "registrations": ("excel", "patient_registrations"),
+                "partner_labs": ("xml", "partner_observations")}
+    found = {s.name: (s.kind, s.table) for s in config.sources}
+    assert {name: found.get(name) for name in expected} == expected
+    assert "partner_observations" in [d.name for d in config.datasets]
 
 
 def test_unknown_source_error_lists_the_known_ones():
