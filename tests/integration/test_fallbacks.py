@@ -215,6 +215,11 @@ def test_quarantine_purge_drops_raw_values_and_keeps_the_accounting(world):
     assert f"{rows:,} quarantined row(s)" in done.stdout
     assert stack.query("SELECT count(*), count(raw) FROM etl_quarantine") == [(rows, 0)]
     oracle.check(stack, "quarantine raw values purged")
+    # Re-reading everything afterwards finds the same bad rows: quarantined once, not again.
+    again = wait_end(stack, run_source("billing", full=True), 120)
+    assert (again.status, again.loaded, again.quarantined) == ("finished", 0, 0), again
+    assert stack.query("SELECT count(*), count(raw) FROM etl_quarantine") == [(rows, 0)]
+    oracle.check(stack, "re-read after the purge")
 
 
 def test_a_failing_task_is_reported_to_sentry_without_patient_data(world):
