@@ -19,6 +19,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from etl_tasks.demo_visits import make_visits
 from etl_tasks.sources.firebird import FirebirdTarget, connect, create_database
 
 # Firebird types a CASE/DECODE of string literals as CHAR of the longest one, so every text
@@ -106,7 +107,7 @@ def make_billing_db(target: FirebirdTarget, claims: int) -> None:
 def make_demo_data(demo_dir: Path, target: FirebirdTarget, *, claims: int,
                    lab_files: int = 4, lab_records: int = 500, reg_files: int = 3,
                    reg_rows: int = 300, partner_files: int = 2,
-                   partner_records: int = 400) -> dict[str, Any]:
+                   partner_records: int = 400, visits: int = 5_000) -> dict[str, Any]:
     """Write every demo source under `demo_dir` and a manifest of what was planted."""
     from etl_tasks.demo_files import (
         FileManifest,
@@ -117,8 +118,11 @@ def make_demo_data(demo_dir: Path, target: FirebirdTarget, *, claims: int,
 
     demo_dir.mkdir(parents=True, exist_ok=True)
     make_billing_db(target, claims)
+    # The second table (source visits): a text key and WIN1252 text, configuration only.
+    make_visits(target, visits)
     manifest: dict[str, Any] = {
-        "billing": {"rows": claims, "defects": expected_claim_defects(1, claims)}}
+        "billing": {"rows": claims, "defects": expected_claim_defects(1, claims)},
+        "visits": {"rows": visits, "defects": {}}}
     writers: dict[str, Callable[[Path], list[FileManifest]]] = {
         "lab_feeds": lambda inbox: write_lab_feeds(inbox, files=lab_files,
                                                    records_per_file=lab_records),

@@ -25,7 +25,7 @@ from etl_tasks.load.writer import StoreChain
 from etl_tasks.resources import Resources
 from etl_tasks.runs import bounds, breakers, items, lease, plan, state, window
 from etl_tasks.runs.state import Unit
-from etl_tasks.sources import excel, firebird, xml_feed
+from etl_tasks.sources import excel, firebird, firebird_keys, xml_feed
 from etl_tasks.sources.firebird_schema import TableSchema
 from etl_tasks.transform import transform_chunk
 
@@ -109,7 +109,7 @@ def _extract_table(res: Resources, ctx: RunContext, unit: Unit, chunks: dict[str
                       else plan.table_schema(con, src))
             key = schema.column(src.key_column) if src.key_column else None
             if unit.kind == "table":
-                for n, part in enumerate(firebird.fetch_table(con, schema, src.chunk_size)):
+                for n, part in enumerate(firebird_keys.fetch_table(con, schema, src.chunk_size)):
                     _stage_part(res, ctx, unit, f"{unit.unit_id}:{n}", schema, part, chunks)
                 return
             changed = schema.column(src.updated_column) if src.updated_column else None
@@ -131,8 +131,8 @@ def _extract_table(res: Resources, ctx: RunContext, unit: Unit, chunks: dict[str
 def _stage_part(res: Resources, ctx: RunContext, unit: Unit, chunk_id: str,
                 schema: TableSchema, part: pa.Table, chunks: dict[str, int]) -> None:
     """Stage one chunk of a Firebird unit, with its rows' pointers where a text key or no
-    key needs them (sources/firebird.row_pointers)."""
-    part = firebird.row_pointers(part, schema, ctx.src.key_column or None,
+    key needs them (sources/firebird_keys.row_pointers)."""
+    part = firebird_keys.row_pointers(part, schema, ctx.src.key_column or None,
                                  res.sealer.keys[0])
     staging.put(res.redis, res.sealer, ctx.run_id, chunk_id, "raw", part,
                 res.settings.stage_ttl_s)

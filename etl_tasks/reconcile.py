@@ -9,7 +9,7 @@ difference is named with what explains it, or flagged as unexplained.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import duckdb
@@ -17,7 +17,9 @@ import duckdb
 from etl_tasks import checkpoints, inbox
 from etl_tasks.config import SourceConfig
 from etl_tasks.resources import Resources
+from etl_tasks.runs import bounds
 from etl_tasks.sources import excel, xml_feed
+from etl_tasks.sources.firebird_schema import Column, TableSchema
 
 
 @dataclass
@@ -57,9 +59,17 @@ def _tables(con: duckdb.DuckDBPyConnection) -> set[str]:
 
 def _firebird(res: Resources, con: duckdb.DuckDBPyConnection,
               src: SourceConfig) -> SourceBalance:
-    from etl_tasks.sources import firebird
+    from etl_tasks.sources import firebird, firebird_schema, firebird_text
 
-    key = src.key_column
+    with res.firebird_pool.connection() as fb:
+        try:
+            schema = firebird_schema.reflect(fb, src.location, source=src.name)
+        except Exception as exc:
+            raise firebird.classify(exc) from exc
+    column = schema.column(src.key_column) if src.key_column else None
+    if column is None or not column.is_integer_key:
+        return _by_rows(res, con, src, replace(schema, charset=src.charset), column)
+    key = firebird_text.quote(column.name)
     mark = checkpoints.key_high_water(res.redis, src.name)
     with res.firebird_pool.connection() as fb:
         cur = fb.cursor()
@@ -79,16 +89,16 @@ def _firebird(res: Resources, con: duckdb.DuckDBPyConnection,
             raise firebird.classify(exc) from exc
         finally:
             cur.close()
-    column = key.lower()
     has_table = src.table in _tables(con)
+    staged = column.staged_name
     held = ("SELECT DISTINCT CAST(split_part(source_ref, '=', 2) AS BIGINT) AS k FROM "
             "etl_quarantine WHERE source = ? AND source_ref LIKE ?")
-    params = [src.name, f"{key}=%"]
+    params = [src.name, f"{column.name}=%"]
     if has_table:
-        [(loaded,)] = con.execute(f"SELECT count(DISTINCT {column}) FROM {src.table}").fetchall()
+        [(loaded,)] = con.execute(f"SELECT count(DISTINCT {staged}) FROM {src.table}").fetchall()
         [(quarantined,)] = con.execute(
             f"SELECT count(*) FROM ({held}) q WHERE NOT EXISTS (SELECT 1 FROM {src.table} t "
-            f"WHERE t.{column} = q.k)", params).fetchall()
+            f"WHERE t.{staged} = q.k)", params).fetchall()
     else:
         loaded = 0
         [(quarantined,)] = con.execute(f"SELECT count(*) FROM ({held})", params).fetchall()
@@ -114,6 +124,83 @@ def _firebird(res: Resources, con: duckdb.DuckDBPyConnection,
                             f"dead-lettered: run `etl run {src.name} --full` and report a bug")
     return SourceBalance(src.name, total, int(loaded), int(quarantined), dead_lettered,
                          not_yet_run, unexplained, explanations)
+
+
+def _by_rows(res: Resources, con: duckdb.DuckDBPyConnection, src: SourceConfig,
+             schema: TableSchema, column: Column | None) -> SourceBalance:
+    """A table keyed by text (its pointers are digests, its mark a sealed key) or without a
+    key: the source's rows against the store's, matched by pointer digest in Python, since
+    neither DuckDB nor Python orders text as Firebird does; rows above the key mark are asked
+    of Firebird itself."""
+    from etl_tasks.sources import firebird, firebird_keys, firebird_text
+
+    secret = res.sealer.keys[0]
+    label = column.name if column is not None else "ROW"
+    python = firebird_text.codec(schema.text_charset)
+    has_table = src.table in _tables(con)
+    held = {ref for (ref,) in con.execute(
+        "SELECT DISTINCT source_ref FROM etl_quarantine WHERE source = ?", [src.name]).fetchall()}
+    with res.firebird_pool.connection() as fb:
+        cur = fb.cursor()
+        try:
+            cur.execute(f"SELECT COUNT(*) FROM {firebird_text.quote(schema.table)}")
+            total = int(cur.fetchone()[0])
+            above: list[str] = []
+            if column is not None:
+                # Waiting for the next run: keys above the mark, and (keys not being in
+                # time order) rows whose change column moved past the updated mark.
+                token = checkpoints.sampled_high_water(res.redis, src.name)
+                terms, args = firebird.range_condition(
+                    schema, column.name, bounds.open_bound(res.sealer, src.name, token), None)
+                changed = schema.column(src.updated_column) if src.updated_column else None
+                changed_since = checkpoints.updated_mark(res.redis, src.name)
+                if terms and changed is not None and changed_since is not None:
+                    terms = [f"({terms[0]} OR {firebird_text.quote(changed.name)} > ?)"]
+                    args.append(changed_since)
+                cur.execute(f"SELECT CAST({firebird_text.quote(column.name)} AS VARCHAR("
+                            f"{firebird.octets(column)}) CHARACTER SET OCTETS) FROM "
+                            f"{firebird_text.quote(schema.table)}"
+                            + (" WHERE " + " AND ".join(terms) if terms else ""), args)
+                above = [bytes(v).decode(python, "replace") for (v,) in cur.fetchall()]
+        except Exception as exc:
+            raise firebird.classify(exc) from exc
+        finally:
+            cur.close()
+    explanations = []
+    if column is None:
+        loaded = _count(con, f"SELECT count(*) FROM {src.table}") if has_table else 0
+        quarantined, not_yet_run = len(held), 0
+        if total > loaded + quarantined:
+            explanations.append(f"{total - loaded - quarantined} row(s) repeat another row of "
+                                "the table exactly; a table without a key stores such a row "
+                                "once")
+            return SourceBalance(src.name, total, loaded, quarantined, 0, 0, 0, explanations)
+    else:
+        stored = ({str(k) for (k,) in con.execute(
+            f"SELECT DISTINCT {column.staged_name} FROM {src.table}").fetchall()}
+            if has_table else set())
+        loaded = len(stored)
+        # Held rows whose key is not stored (a row quarantined, then loaded, counts once).
+        quarantined = len(held - {firebird_keys.pointer(label, [k], secret) for k in stored})
+        not_yet_run = sum(1 for k in above if k not in stored
+                          and firebird_keys.pointer(label, [k], secret) not in held)
+        if not_yet_run:
+            explanations.append(f"{not_yet_run} row(s) above the key checkpoint or changed "
+                                "since the last run, not loaded yet: the next run reads them "
+                                "(or they sit in a dead range; see `etl dead-letters`)")
+    unexplained = total - loaded - quarantined - not_yet_run
+    if unexplained:
+        explanations.append(f"{abs(unexplained)} row(s) "
+                            + ("in the store are no longer in the source" if unexplained < 0
+                               else "are neither loaded, quarantined nor waiting: run "
+                               f"`etl run {src.name} --full` and report a bug"))
+    return SourceBalance(src.name, total, loaded, quarantined, 0, not_yet_run, unexplained,
+                         explanations)
+
+
+def _count(con: duckdb.DuckDBPyConnection, sql: str) -> int:
+    [(count,)] = con.execute(sql).fetchall()
+    return int(count)
 
 
 def _stored_between(con: duckdb.DuckDBPyConnection, src: SourceConfig, held: str,

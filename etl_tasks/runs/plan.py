@@ -28,7 +28,7 @@ from etl_tasks.resources import Resources
 from etl_tasks.runs import bounds, breakers, dead_letters, lease, state, window
 from etl_tasks.runs.state import Unit
 from etl_tasks.sealing import Sealer
-from etl_tasks.sources import firebird, firebird_schema, firebird_text
+from etl_tasks.sources import firebird, firebird_keys, firebird_schema, firebird_text
 from etl_tasks.sources.firebird_schema import TableSchema
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ def table_schema(con: Any, src: SourceConfig) -> TableSchema:
             raise FatalError(f"{where}column {name} of table {schema.table} clashes with "
                              "another column or the store's source_ref; leave it out with "
                              "`exclude_columns`", source=src.name)
-    if src.key_column and (empty := firebird.null_keys(con, schema, src.key_column)):
+    if src.key_column and (empty := firebird_keys.null_keys(con, schema, src.key_column)):
         raise FatalError(f"{where}{empty} row(s) of table {schema.table} have no "
                          f"{src.key_column}: no key range would read them (choose a key "
                          "column set in every row)", source=src.name)
@@ -207,7 +207,7 @@ def _sampled_ranges(res: Resources, con: Any, src: SourceConfig, schema: TableSc
     mark = "" if options.full else checkpoints.sampled_high_water(r, src.name)
     after = bounds.open_bound(res.sealer, src.name, mark)
     since = _since(res, src, options, bool(mark))
-    found = firebird.sample_bounds(con, schema, key, after, src.chunk_size)
+    found = firebird_keys.sample_bounds(con, schema, key, after, src.chunk_size)
     units = _cut(res.sealer, src, "skeys", "range", mark, found)
     if not src.updated_column:
         return units, None
@@ -216,7 +216,7 @@ def _sampled_ranges(res: Resources, con: Any, src: SourceConfig, schema: TableSc
     if since is not None and after is not None and updated_to is not None:
         below, params = firebird.range_condition(schema, key, None, after)
         window = f"{changed} > ? AND {changed} <= ? AND " + " AND ".join(below)
-        found = firebird.sample_bounds(con, schema, key, None, src.chunk_size, window,
+        found = firebird_keys.sample_bounds(con, schema, key, None, src.chunk_size, window,
                                        (since, updated_to, *params))
         units += [replace(u, since=since.isoformat(), until=updated_to.isoformat())
                   for u in _cut(res.sealer, src, "supdated", "updated", "", found)]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hmac
 import os
 import queue
 import re
@@ -287,43 +286,6 @@ def fetch_range_text(con: Any, schema: TableSchema, key: str | None, lo: Bound, 
         cur.close()
 
 
-def fetch_table(con: Any, schema: TableSchema, rows: int,
-                block_size: int = RANGE_BLOCK_SIZE) -> Iterator[pa.Table]:
-    """A table without a key in slices of `rows` rows, in its natural order. All in the
-    connection's one transaction (a snapshot), so the slices neither overlap nor miss a row
-    whatever changes meanwhile."""
-    cur = con.cursor()
-    try:
-        cur.execute(f"SELECT COUNT(*) FROM {quote(schema.table)}")
-        total = int(cur.fetchone()[0])
-    finally:
-        cur.close()
-    for first in range(1, total + 1, rows):
-        last = min(first + rows - 1, total)
-        raw = fetch_range_text(con, schema, None, None, None, rows=(first, last))
-        yield firebird_text.parse(raw, schema, where=f"{schema.table} rows {first}-{last}",
-                                  block_size=block_size)
-
-
-def row_pointers(table: pa.Table, schema: TableSchema, key: str | None,
-                 secret: bytes) -> pa.Table:
-    """Add `_source_ref`, each row's pointer, where `<KEY>=<value>` will not do: a text key
-    may be patient data (an MRN) and a table without a key has no key at all. The pointer is
-    then a keyed digest of the key (or of the whole row): stable across runs, so a row read
-    again in the same state is recognized, and no value in clear. Other tables keep
-    `<KEY>=<value>` (made by the transform, as for claims)."""
-    column = schema.column(key) if key else None
-    if column is not None and not column.is_text:
-        return table
-    label = column.name if column is not None else "ROW"
-    names = [column.staged_name] if column is not None else [
-        c.staged_name for c in schema.columns]
-    values = table.select(names).to_pylist()
-    refs = [f"{label}#" + hmac.new(secret, repr(list(v.values())).encode(), "sha256")
-            .hexdigest()[:20] for v in values]
-    return table.append_column("_source_ref", pa.array(refs, pa.string()))
-
-
 def range_condition(schema: TableSchema, key: str | None, lo: Bound,
                     hi: Bound) -> tuple[list[str], list[Any]]:
     """WHERE terms and parameters of a key range (see `fetch_range`)."""
@@ -346,51 +308,13 @@ def _bound_parameter(schema: TableSchema, key: str, bound: int | bytes) -> tuple
     (OCTETS, so no character set conversion can change them); other keys as their text."""
     column = schema.column(key)
     if isinstance(bound, bytes) and column is not None and column.is_text:
-        return f"CAST(? AS VARCHAR({_octets(column)}) CHARACTER SET OCTETS)", bound
+        return f"CAST(? AS VARCHAR({octets(column)}) CHARACTER SET OCTETS)", bound
     return "?", bound.decode("ascii") if isinstance(bound, bytes) else bound
 
 
-def _octets(column: Column) -> int:
+def octets(column: Column) -> int:
     # Bytes a value of the column can take: up to four per character (UTF8).
     return max(column.length, 1) * 4
-
-
-def sample_bounds(con: Any, schema: TableSchema, key: str, after: bytes | None, every: int,
-                  where: str = "", params: tuple[Any, ...] = ()) -> list[bytes]:
-    """Boundaries cutting the rows with key > `after` (and `where`) into ranges of about
-    `every` rows: every `every`-th key in key order, then the largest. Text keys come back as
-    their exact bytes, other keys as their text. [] when there is no such row."""
-    column = schema.column(key)
-    q = quote(key)
-    value = (f"CAST({q} AS VARCHAR({_octets(column)}) CHARACTER SET OCTETS)"
-             if column is not None and column.is_text else f"CAST({q} AS VARCHAR(64))")
-    terms, args = range_condition(schema, key, after, None)
-    terms += [f"{q} IS NOT NULL"] + ([where] if where else [])
-    sql = (f"SELECT v FROM (SELECT {value} AS v, ROW_NUMBER() OVER (ORDER BY {q}) AS n, "
-           f"COUNT(*) OVER () AS total FROM {quote(schema.table)} WHERE " + " AND ".join(terms)
-           + ") WHERE MOD(n, ?) = 0 OR n = total ORDER BY n")
-    cur = con.cursor()
-    try:
-        cur.execute(sql, [*args, *params, every])
-        found = [v if isinstance(v, bytes) else str(v).encode("ascii")
-                 for (v,) in cur.fetchall()]
-    finally:
-        cur.close()
-    # A key that repeats (a split column need not be unique) bounds one range only.
-    return list(dict.fromkeys(found))
-
-
-def null_keys(con: Any, schema: TableSchema, key: str) -> int:
-    """Rows whose key is NULL: no key range would ever read them."""
-    column = schema.column(key)
-    if column is not None and column.not_null:
-        return 0
-    cur = con.cursor()
-    try:
-        cur.execute(f"SELECT COUNT(*) FROM {quote(schema.table)} WHERE {quote(key)} IS NULL")
-        return int(cur.fetchone()[0])
-    finally:
-        cur.close()
 
 
 # Firebird status codes (iberror.h) that say the server or the connection went away: a

@@ -3,8 +3,9 @@
 One private stack (its own Redis, Firebird copy, DuckDB, fleet, loader and beat, with JSON
 logs, Sentry and the alert webhook pointed at receivers on loopback), real parts only. The
 canary is planted in Firebird (a valid claim, a claim that fails validation, a payer with a
-newline, a quote and a comma, a legacy table whose range Arrow cannot parse, and a table whose
-text key makes the plan raise a library error quoting the MRN), in an XML lab feed and in a
+newline, a quote and a comma, a legacy table whose text AMOUNT the claims contract cannot read
+(Arrow's error quotes it), a table keyed by the MRN itself, cut at sampled key bounds that
+must never show, and one whose plan fails beside it), in an XML lab feed and in a
 registration workbook (valid rows and rows failing validation), and one step raises on the
 canary's chunk through a fault point. Every output is then searched for each canary value.
 """
@@ -54,9 +55,12 @@ LEGACY_DDL = """CREATE TABLE LEGACY_CLAIMS (
     CLAIM_ID BIGINT NOT NULL PRIMARY KEY, PATIENT_ID VARCHAR(20), PROVIDER_NPI CHAR(10),
     SERVICE_DATE DATE, CPT_CODE VARCHAR(5), ICD10_CODE VARCHAR(8), AMOUNT VARCHAR(20),
     PAYER VARCHAR(40), STATUS VARCHAR(12), UPDATED_AT TIMESTAMP)"""
-# A table keyed by text: the plan's key bounds meet the MRN where a number is expected.
+# A table keyed by text: its key ranges are bounded by sampled keys, here the MRN itself.
 TEXT_KEY_DDL = """CREATE TABLE TEXT_KEYED (
     CLAIM_ID VARCHAR(20) NOT NULL PRIMARY KEY, UPDATED_AT TIMESTAMP)"""
+# A text key missing in one row beside the MRN: no range could read that row, so the plan
+# (a task Sentry watches) fails, having read the MRN's table.
+NULL_KEY_DDL = "CREATE TABLE NULL_KEYED (MRN VARCHAR(20), UPDATED_AT TIMESTAMP)"
 
 PIPELINE = """
 [[sources]]
@@ -70,6 +74,9 @@ chunk_size = 2000
 name = "legacy_billing"
 kind = "firebird"
 location = "LEGACY_CLAIMS"
+dataset = "billing_claims"
+key_column = "CLAIM_ID"
+updated_column = "UPDATED_AT"
 target_table = "legacy_claims"
 schedule = "manual"
 chunk_size = 2000
@@ -78,7 +85,16 @@ chunk_size = 2000
 name = "text_keyed"
 kind = "firebird"
 location = "TEXT_KEYED"
+key_column = "CLAIM_ID"
+updated_column = "UPDATED_AT"
 target_table = "text_keyed"
+schedule = "manual"
+
+[[sources]]
+name = "null_keyed"
+kind = "firebird"
+location = "NULL_KEYED"
+key_column = "MRN"
 schedule = "manual"
 
 [[sources]]
@@ -99,7 +115,8 @@ settle_s = 0
 
 def _plant_firebird(stack: FaultStack) -> None:
     """Claims 12001 (valid), 12002 (bad status), 12003 (the CSV breaker as payer, valid); a
-    legacy range whose text AMOUNT breaks the CSV (comma); a text key holding the MRN."""
+    legacy claim whose text AMOUNT the claims contract cannot read; a text key holding the
+    MRN; a text key holding the MRN in one row and nothing in another."""
     insert = ("INSERT INTO {table} VALUES (?, ?, '1234567890', ?, '99213', 'I10', ?, ?, ?, "
               "TIMESTAMP '2026-01-01 00:00:00')")
     born = dt.date.fromisoformat(BIRTH)
@@ -111,6 +128,10 @@ def _plant_firebird(stack: FaultStack) -> None:
     stack.firebird(insert.format(table="LEGACY_CLAIMS"), (1, MRN, born, "12,50", NAME, "paid"))
     stack.firebird(TEXT_KEY_DDL)
     stack.firebird("INSERT INTO TEXT_KEYED VALUES (?, TIMESTAMP '2026-01-01 00:00:00')", (MRN,))
+    stack.firebird(NULL_KEY_DDL)
+    for mrn in (MRN, None):
+        stack.firebird("INSERT INTO NULL_KEYED VALUES (?, TIMESTAMP '2026-01-01 00:00:00')",
+                       (mrn,))
 
 
 def _plant_files(data: Path) -> None:
@@ -279,7 +300,7 @@ def test_no_canary_value_leaves_the_store(world):
             wait_until(lambda: _flower_workers(flower_port), 60, "Flower to see the workers")
             outputs = {"etl run --all --wait --json": _etl(stack, "run", "--all", "--wait",
                                                            "--json")}
-            # A second run: the dead range is tried again, the text key fails again.
+            # A second run: the dead range is tried again, the text key's mark is used.
             outputs["etl run --all --wait"] = _etl(stack, "run", "--all", "--wait")
             for args in (("status", "--json"), ("status",), ("dead-letters", "--json"),
                          ("dead-letters",), ("reconcile", "billing", "--json"), ("fallbacks",),
@@ -317,6 +338,7 @@ def test_no_canary_value_leaves_the_store(world):
     assert rows["registrations"] == [(MRN, "Zyxcanary", "Quokkaperson")]
     assert len(rows["registrations quarantined"]) == 1
     assert all(MRN in raw for raw in rows["raw"])  # etl_quarantine.raw keeps the values
+    assert rows["text_keyed"] == [(MRN,)]  # read through a range bounded by the MRN itself
 
     monitor, staged = _monitor_commands(logs / "monitor.txt")
     # Seen, and sealed: an Arrow IPC stream would show its schema's column names in clear.
@@ -336,8 +358,9 @@ def test_no_canary_value_leaves_the_store(world):
 
     # The failures did happen, and were reported in our words.
     status = outputs["etl run --all --wait --json"]
-    assert "could not be parsed" in outputs["etl dead-letters --json"]
+    assert "cannot be read as decimal128(12, 2)" in outputs["etl dead-letters --json"]
     assert "text_keyed" in status
+    assert "row(s) of table NULL_KEYED have no MRN" in status
     assert "Unexpected" in outputs["Flower /api/tasks"] or "FatalError" in outputs[
         "Flower /api/tasks"]
     fleet = _json_lines(logs / "fleet.log")
@@ -377,4 +400,5 @@ def _stored_rows(stack: FaultStack) -> dict[str, list[Any]]:
                            f"WHERE mrn = '{MRN}'"),
         "registrations quarantined": q(quarantined.format("registrations")),
         "raw": [r[0] for r in q("SELECT raw FROM etl_quarantine WHERE raw LIKE '%CANARY%'")],
+        "text_keyed": q("SELECT claim_id FROM text_keyed"),
     }

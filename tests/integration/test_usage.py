@@ -165,6 +165,9 @@ def test_etl_demo_runs_end_to_end_and_a_second_run_loads_nothing(tmp_path):
                                                          for f in partner)
     assert summary["partner_labs"]["loaded"] + summary["partner_labs"]["quarantined"] == sum(
         f["rows"] for f in partner)
+    # The second Firebird table (PATIENT_VISITS, text key, WIN1252), configuration only.
+    assert (summary["visits"]["loaded"], summary["visits"]["quarantined"]) == (
+        manifest["visits"]["rows"], 0)
     second = subprocess.run([etl, "demo", "--fleet", "1", "--json"], env=clean, cwd=tmp_path,
                             capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr
