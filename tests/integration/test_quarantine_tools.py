@@ -1,6 +1,11 @@
-"""`etl quarantine list` and `etl quarantine replay` on the session stack: a real Redis, the
-real loader worker (the store's only writer) and a real DuckDB file, after real runs of the
-demo sources with their planted defects."""
+"""`etl quarantine list` and `etl quarantine replay` with a real Redis, the real loader worker
+(the store's only writer) and a real DuckDB file, after real runs of the demo sources with
+their planted defects.
+
+Listing reads the session stack. What changes the store (a "source fix" simulated in
+etl_quarantine.raw, replays, purged raw values, a held DuckDB) runs on a private FaultStack
+(the `world` fixture): the fixed rows are still bad in the source, so a later run of the
+session stack's sources would quarantine them again and other modules' counts would be off."""
 
 from __future__ import annotations
 
@@ -11,7 +16,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 import duckdb
@@ -19,10 +24,13 @@ import pytest
 import redis
 
 from etl_tasks.api import run_source
+from etl_tasks.demo_files import write_lab_feeds, write_registrations
 from etl_tasks.load import duckdb as store
 from etl_tasks.load import writer
 from etl_tasks.local_services import RedisServer
 from etl_tasks.resources import get_resources
+from tests.integration import oracle
+from tests.integration.fault_stack import FaultStack
 
 pytestmark = pytest.mark.integration
 
@@ -59,16 +67,62 @@ def writable(stack) -> Iterator[duckdb.DuckDBPyConnection]:
         con.close()
 
 
+# The file sources of a private world, as the session stack configures them; its billing
+# source is fault_stack's (a 12,000-claim copy, 11 claims planted with each defect).
+FILE_SOURCES = """
+[[sources]]
+name = "lab_results"
+kind = "xml"
+location = "{data_dir}/lab_feeds"
+schedule = "manual"
+chunk_size = 150
+settle_s = 1
+
+[[sources]]
+name = "registrations"
+kind = "excel"
+location = "{data_dir}/registrations"
+schedule = "manual"
+chunk_size = 100
+settle_s = 1
+"""
+# Two files of 100 records each: 8 planted defects per source, the kinds' cycle reaching a
+# lab result's status (6th kind) and a registration's sex (5th) with a row to spare.
+FILES, ROWS = 2, 100
+
+
+def run_all(names: Iterable[str]) -> None:
+    """One run of each source, enqueued together; each must finish."""
+    handles = [run_source(name) for name in names]
+    for handle in handles:
+        summary = handle.wait(timeout=240)
+        assert summary.status == "finished", summary.error
+
+
 @pytest.fixture(scope="module")
 def ran(stack):
     """One run of every source (the first of the session, unless other modules ran them)."""
     from tests.integration.conftest import _set_env
 
     _set_env(stack.env)
-    handles = [run_source(name) for name in TARGETS]
-    for handle in handles:
-        summary = handle.wait(timeout=240)
-        assert summary.status == "finished", summary.error
+    run_all(TARGETS)
+    return stack
+
+
+def demo_world(world: Callable[..., FaultStack], *, files: bool) -> FaultStack:
+    """A private stack (fleet and loader, no beat) after one run of its sources: billing,
+    and with `files` small lab feeds and registration workbooks written by the demo
+    generator into its data dir."""
+    stack = world(pipeline_extra=FILE_SOURCES if files else "")
+    if files:
+        data = stack.root / "data"
+        write_lab_feeds(data / "lab_feeds", files=FILES, records_per_file=ROWS)
+        write_registrations(data / "registrations", files=FILES, rows_per_file=ROWS)
+        settled = time.time() - 3600  # written whole: past the inbox's settle time
+        for path in [*(data / "lab_feeds").iterdir(), *(data / "registrations").iterdir()]:
+            os.utime(path, (settled, settled))
+    stack.start_all(beat=False)
+    run_all(TARGETS if files else ["billing"])
     return stack
 
 
@@ -165,22 +219,24 @@ def _replay_ledger(stack) -> list[tuple]:
                        "etl_load_ledger WHERE run_id = ? ORDER BY chunk_id", [store.REPLAY_RUN_ID])
 
 
-def test_replay_loads_exactly_the_fixed_rows_once(ran):
+def test_replay_loads_exactly_the_fixed_rows_once(world):
     """The validation rules are code, so a "source fix" is simulated the way an operator
     would: some quarantined rows' raw values are corrected in DuckDB (claims with a negative
     amount, lab results with an unknown status, registrations with an unknown sex). `etl
     quarantine replay` loads exactly those into the target tables through the loader: target
     rows + quarantined rows are conserved per source, no key is doubled, each replay chunk is
     in the ledger, a claim broken another way gets its new rule, a purged row is counted and
-    stays; a second replay changes nothing, and `etl reconcile` still balances."""
-    rows = [r for r in held(ran) if r[5] is not None]
-    amounts, claim_status = _pick(ran, rows, "billing", AMOUNT), _pick(ran, rows, "billing",
-                                                                        CLAIM_STATUS)
-    labs, sexes = _pick(ran, rows, "lab_results", LAB_STATUS), _pick(ran, rows,
-                                                                      "registrations", SEX)
+    stays; a second replay changes nothing, and `etl reconcile` and the oracle still balance.
+    On a private world: its source rows stay bad while their fixed copies are loaded."""
+    stack = demo_world(world, files=True)
+    rows = [r for r in held(stack) if r[5] is not None]
+    amounts = _pick(stack, rows, "billing", AMOUNT)
+    claim_status = _pick(stack, rows, "billing", CLAIM_STATUS)
+    labs = _pick(stack, rows, "lab_results", LAB_STATUS)
+    sexes = _pick(stack, rows, "registrations", SEX)
     purged = next(r for r in rows if r[0] == "registrations" and r not in sexes)
     assert min(len(amounts), len(claim_status), len(labs), len(sexes)) > 0
-    with writable(ran) as con:
+    with writable(stack) as con:
         _repair(con, amounts, amount="12.50")
         _repair(con, claim_status[:1], status="paid", cpt_code="123")
         _repair(con, labs, status="final")
@@ -188,15 +244,15 @@ def test_replay_loads_exactly_the_fixed_rows_once(ran):
         con.execute("UPDATE etl_quarantine SET raw = NULL WHERE source = ? AND source_ref = ?",
                     [purged[0], purged[3]])
     fixed = {"billing": amounts, "lab_results": labs, "registrations": sexes}
-    [(no_raw,)] = ran.query("SELECT count(*) FROM etl_quarantine WHERE source = "
-                            "'registrations' AND raw IS NULL")
-    before, ledger_before = _tally(ran), _replay_ledger(ran)
+    [(no_raw,)] = stack.query("SELECT count(*) FROM etl_quarantine WHERE source = "
+                              "'registrations' AND raw IS NULL")
+    before, ledger_before = _tally(stack), _replay_ledger(stack)
 
-    done = etl(ran, "quarantine", "replay", "--json")
+    done = etl(stack, "quarantine", "replay", "--json")
 
     assert done.returncode == 0, done.stdout + done.stderr
     counts = json.loads(done.stdout)
-    after = _tally(ran)
+    after = _tally(stack)
     for source, rows_fixed in fixed.items():
         n = len(rows_fixed)
         assert counts[source]["loaded"] == n, source
@@ -205,60 +261,63 @@ def test_replay_loads_exactly_the_fixed_rows_once(ran):
         assert after[source][0] - before[source][0] == n, source
         assert before[source][2] - after[source][2] == n, source
         refs = [r[3] for r in rows_fixed]
-        assert {ref for (ref,) in ran.query(
+        assert {ref for (ref,) in stack.query(
             f"SELECT source_ref FROM {TARGETS[source]} WHERE source_ref IN "
             f"({', '.join('?' * n)})", refs)} == set(refs)
-        assert ran.query(f"SELECT count(*) FROM etl_quarantine WHERE source = ? AND source_ref "
-                         f"IN ({', '.join('?' * n)})", [source, *refs]) == [(0,)]
+        assert stack.query(f"SELECT count(*) FROM etl_quarantine WHERE source = ? AND "
+                           f"source_ref IN ({', '.join('?' * n)})", [source, *refs]) == [(0,)]
     assert counts["billing"]["reasons_refreshed"] == 1
-    assert ran.query("SELECT reasons FROM etl_quarantine WHERE source = 'billing' AND "
-                     "source_ref = ?", [claim_status[0][3]]) == [(CPT,)]
+    assert stack.query("SELECT reasons FROM etl_quarantine WHERE source = 'billing' AND "
+                       "source_ref = ?", [claim_status[0][3]]) == [(CPT,)]
     assert counts["registrations"]["purged"] == no_raw >= 1
-    assert ran.query("SELECT count(*) FROM etl_quarantine WHERE source = ? AND source_ref = ? "
-                     "AND raw IS NULL", [purged[0], purged[3]]) == [(1,)]
-    ledger = _replay_ledger(ran)
+    assert stack.query("SELECT count(*) FROM etl_quarantine WHERE source = ? AND "
+                       "source_ref = ? AND raw IS NULL", [purged[0], purged[3]]) == [(1,)]
+    ledger = _replay_ledger(stack)
     new = [row for row in ledger if row not in ledger_before]
     for source, rows_fixed in fixed.items():
         assert sum(row[2] for row in new if row[1] == source) == len(rows_fixed), source
         assert counts[source]["chunks"] == sum(1 for row in new if row[1] == source)
 
-    again = etl(ran, "quarantine", "replay", "--json")
+    again = etl(stack, "quarantine", "replay", "--json")
     assert again.returncode == 0, again.stdout + again.stderr
     for source, figures in json.loads(again.stdout).items():
         assert (figures["loaded"], figures["unchanged"], figures["chunks"],
                 figures["reasons_refreshed"]) == (0, 0, 0, 0), source
-    assert _tally(ran) == after
-    assert _replay_ledger(ran) == ledger
+    assert _tally(stack) == after
+    assert _replay_ledger(stack) == ledger
+    oracle.check(stack, "after two quarantine replays")
 
-    balance = etl(ran, "reconcile", "--json")
+    balance = etl(stack, "reconcile", "--json")
     assert balance.returncode == 0, balance.stdout + balance.stderr
     assert all(b["unexplained"] == 0 for b in json.loads(balance.stdout))
 
 
-def test_a_held_store_makes_the_replay_wait_never_a_fallback(ran):
+def test_a_held_store_makes_the_replay_wait_never_a_fallback(world):
     """While another process holds DuckDB, the replay task is retried with backoff (no
     fallback store gets anything) and `etl quarantine list` says the store is busy; once
-    the store is free the retried replay loads the fixed claim."""
+    the store is free the retried replay loads the fixed claim. On a private world."""
     from etl_tasks.tasks import replay_quarantine_task
 
-    [cpt] = [r for r in held(ran) if r[0] == "billing" and r[4] == CPT and r[5]][:1]
+    stack = demo_world(world, files=False)
+    [cpt] = [r for r in held(stack) if r[0] == "billing" and r[4] == CPT and r[5]][:1]
     waiting = writer.waiting(get_resources().settings)
-    with writable(ran) as con:
+    with writable(stack) as con:
         _repair(con, [cpt], cpt_code="99213")
         result = replay_quarantine_task.apply_async(("billing",))
         deadline = time.monotonic() + 30
         while result.state != "RETRY" and time.monotonic() < deadline:
             time.sleep(0.2)
         assert result.state == "RETRY"
-        busy = etl(ran, "quarantine", "list", "--wait", "1")
+        busy = etl(stack, "quarantine", "list", "--wait", "1")
         assert busy.returncode == 2
-        assert "busy" in busy.stderr
-        assert "Retry in a moment" in busy.stderr
+        said = " ".join(busy.stderr.split())  # the console wraps it (at a path's length)
+        assert "busy" in said
+        assert "Retry in a moment" in said
         assert writer.waiting(get_resources().settings) == waiting
     counts = result.get(timeout=180)
     assert counts["billing"]["loaded"] == 1
-    assert ran.query("SELECT cpt_code FROM billing_claims WHERE source_ref = ?",
-                     [cpt[3]]) == [("99213",)]
+    assert stack.query("SELECT cpt_code FROM billing_claims WHERE source_ref = ?",
+                       [cpt[3]]) == [("99213",)]
     assert writer.waiting(get_resources().settings) == waiting
 
 
