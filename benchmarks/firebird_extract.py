@@ -12,10 +12,12 @@ One process reads every 50,000-key range of BILLING_CLAIMS into Arrow, in turn w
   run's plan does), the text returned as a binary blob and decoded with the table's
   character set.
 
-Rounds alternate the order (claim-specific first, then generic first, ...), each reading
-every range; the figure per reader is its best round in rows/s (N / seconds), the median
-beside it. Both must give the same rows, or the benchmark fails. Run it when the machine is
-quiet (the tests take `flock /tmp/etl-heavy.lock`; so should this).
+Each round reads every range with both readers, back to back (paired: whatever else the
+machine does weighs on both alike), alternating which goes first from range to range; a
+reader's round time is the sum of its ranges. The figure per reader is its best round in
+rows/s (N / seconds), the median beside it. Both must give the same rows, or the benchmark
+fails. Run it when the machine is quiet (the tests take `flock /tmp/etl-heavy.lock`; so
+should this).
 """
 
 from __future__ import annotations
@@ -74,15 +76,26 @@ def claim_specific_range(con: Any, lo: int, hi: int) -> pa.Table:
     ).select(names)
 
 
-def read_all(con: Any, read: Callable[[Any, int, int], pa.Table],
-             bounds: tuple[int, int]) -> tuple[float, int, list[pa.Table]]:
-    """Seconds and rows to read every range with `read`, and the tables (for the check)."""
+def paired_round(con: Any, readers: dict[str, Callable[[Any, int, int], pa.Table]],
+                 bounds: tuple[int, int]) -> tuple[dict[str, float], int]:
+    """One round: every range read by each reader back to back (the order alternating by
+    range); seconds per reader, and rows. The readers' rows must be equal."""
     lo, hi = bounds
-    started = time.perf_counter()
-    tables = [read(con, start, min(start + RANGE - 1, hi)) for start in range(lo, hi + 1, RANGE)]
-    seconds = time.perf_counter() - started
+    seconds = dict.fromkeys(readers, 0.0)
+    rows = 0
+    for n, start in enumerate(range(lo, hi + 1, RANGE)):
+        end = min(start + RANGE - 1, hi)
+        got = {}
+        for name in list(readers) if n % 2 == 0 else list(reversed(readers)):
+            began = time.perf_counter()
+            got[name] = readers[name](con, start, end)
+            seconds[name] += time.perf_counter() - began
+        first, *others = got.values()
+        if any(not first.equals(other) for other in others):
+            raise SystemExit(f"the readers gave different rows for keys {start}-{end}")
+        rows += first.num_rows
     con.commit()
-    return seconds, sum(t.num_rows for t in tables), tables
+    return seconds, rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -107,15 +120,10 @@ def main(argv: list[str] | None = None) -> None:
         readers = {"claim-specific": claim_specific_range, "generic": generic}
         seconds: dict[str, list[float]] = {name: [] for name in readers}
         rows = 0
-        for n in range(args.rounds):
-            order = list(readers) if n % 2 == 0 else list(reversed(readers))
-            results = {}
-            for name in order:
-                took, rows, tables = read_all(con, readers[name], key_range)
-                seconds[name].append(took)
-                results[name] = pa.concat_tables(tables)
-            if not results["generic"].equals(results["claim-specific"]):
-                raise SystemExit("the readers gave different rows")
+        for _ in range(args.rounds):
+            took, rows = paired_round(con, readers, key_range)
+            for name, value in took.items():
+                seconds[name].append(value)
     finally:
         con.close()
     figures = {name: {"best_rows_per_s": round(rows / min(s)),
