@@ -1,0 +1,32 @@
+"""Sealed staging with real parts: a staged payload altered in Redis (a flipped byte, as a
+corrupt or tampered value would be) fails authentication; it is never read as rows, its range
+is extracted again and the run ends exact."""
+
+from __future__ import annotations
+
+from etl_tasks.api import run_source
+from tests.integration import oracle
+from tests.integration.fault_stack import wait_until
+from tests.integration.test_faults import wait_end
+
+CHUNK = "billing:keys:2001-4000"
+
+
+def test_an_altered_staged_payload_is_extracted_again_never_read(world):
+    stack = world()
+    # The first transform of the chunk waits 4 s before it reads its payload: the window in
+    # which the test alters it in Redis.
+    stack.start_all(fleet_env={"ETL_FAULT_POINT": f"transform:1@{CHUNK}",
+                               "ETL_FAULT_ACTION": "delay:4"})
+    r = stack.redis
+    handle = run_source("billing")
+    key = wait_until(lambda: next(iter(r.scan_iter(match=f"etl:stage:*:{CHUNK}:raw")), None),
+                     60, "the chunk's staged payload")
+    r.setrange(key, r.strlen(key) - 1, "\x00" if r.getrange(key, -1, -1) != "\x00" else "\x01")
+    summary = wait_end(stack, handle, 120)
+    assert summary.status == "finished", summary
+    assert summary.dead_letters == []
+    oracle.check(stack, "altered staged payload")
+    # Refused by the transform that read it, and said so (the range was then extracted again).
+    log = (stack.root / "logs" / "fleet.log").read_text()
+    assert f"{CHUNK}:raw failed authentication" in log
