@@ -66,7 +66,8 @@ def _schema(data: bytes) -> pa.Schema:
 
 
 def _column_type(field: pa.Field) -> str:
-    if pa.types.is_integer(field.type) or pa.types.is_boolean(field.type):
+    if (pa.types.is_integer(field.type) or pa.types.is_boolean(field.type)
+            or pa.types.is_time(field.type)):  # a time of day as its microseconds
         return "INTEGER"
     if pa.types.is_floating(field.type):
         return "REAL"
@@ -74,12 +75,14 @@ def _column_type(field: pa.Field) -> str:
 
 
 def _storable(table: pa.Table) -> pa.Table:
-    """Columns SQLite stores as they are, or as text (decimals, dates, timestamps)."""
+    """Columns SQLite stores as they are, or as text (decimals, dates, timestamps), or a time
+    of day as its microseconds (Arrow reads no time back from text)."""
     columns = []
     for field, column in zip(table.schema, table.columns, strict=True):
         kept = (pa.types.is_integer(field.type) or pa.types.is_floating(field.type)
                 or pa.types.is_boolean(field.type) or pa.types.is_string(field.type))
-        columns.append(column if kept else pc.cast(column, pa.string()))
+        stored = pa.int64() if pa.types.is_time(field.type) else pa.string()
+        columns.append(column if kept else pc.cast(column, stored))
     return pa.table(columns, names=table.schema.names)
 
 
@@ -189,6 +192,8 @@ def _read_rows(con: sqlite3.Connection, table: str, entry: LedgerEntry,
     arrays = []
     for field, values in zip(schema, columns, strict=True):
         stored = _storable(pa.table({field.name: pa.array([], field.type)})).schema[0].type
+        if pa.types.is_boolean(stored):  # SQLite gives a boolean back as 0 or 1
+            values = [None if v is None else bool(v) for v in values]
         arrays.append(pc.cast(pa.array(list(values), stored), field.type))
     return pa.Table.from_arrays(arrays, schema=schema)
 

@@ -223,3 +223,28 @@ def test_a_dropped_or_retyped_column_stops_the_write_naming_source_table_and_col
                                   "reasons": pa.array([], pa.string()),
                                   "raw": pa.array([], pa.string())}))
     assert con.execute("SELECT count(*) FROM etl_load_ledger").fetchall() == [(0,)]
+
+
+def test_every_reflected_type_survives_the_sqlite_fallback_exactly(tmp_path):
+    """A generic table's chunk committed to SQLite while DuckDB is away reads back in its
+    exact types (a time of day, an instant, a decimal, INT128's digits with their metadata)."""
+    from etl_tasks.load import sqlite as fallback
+
+    schema = TableSchema("T", (*COLUMNS, Column("AT", fs.TIME), Column("ON", fs.DATE),
+                               Column("F", fs.FLOAT))).arrow_schema()
+    values = [1, Decimal("-12.34"), "-170141183460469231731687303715884105728", 0.1,
+              dt.datetime(2024, 6, 1, 10, 0, 0, 123400, tzinfo=dt.UTC), "ab", 'a,"b";\nc',
+              True, dt.time(23, 59, 59, 999900), dt.date(1, 1, 1), 3.4e38]
+    valid = pa.table([pa.array([v, None], f.type) for v, f in zip(values, schema, strict=True)],
+                     schema=schema).append_column("source_ref", pa.array(["ID=1", "ID=2"]))
+    quarantined = pa.table({"source_ref": pa.array([], pa.string()),
+                            "reasons": pa.array([], pa.string()),
+                            "raw": pa.array([], pa.string())})
+    with fallback.opened(tmp_path / "f.sqlite") as con:
+        fallback.write_chunk(con, source="t", table="t", dataset="source:t",
+                             entry=store.LedgerEntry("r", "c", "u", "range"), valid=valid,
+                             quarantined=quarantined)
+        [item] = fallback.pending(con)
+        _, back, _ = fallback.read_chunk(con, item["seq"])
+    assert back.equals(valid, check_metadata=True)
+    assert back.to_pylist() == valid.to_pylist()
