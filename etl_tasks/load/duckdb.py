@@ -206,11 +206,14 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
             f"{values}, ?, ?, now() FROM incoming i WHERE NOT EXISTS (SELECT 1 FROM {table} t "
             f"WHERE {match})",
             [run_id, chunk_id]).fetchone()
-        # A row re-read in the same state (backfill, --full) is not quarantined twice.
+        # A row re-read in the same state (backfill, --full) is not quarantined twice. Once
+        # its raw values were purged (retention), the same pointer with the same reasons is
+        # taken as the same row: otherwise every re-read after a purge would add a copy.
         held = con.execute(
             "INSERT INTO etl_quarantine SELECT ?, ?, ?, source_ref, reasons, raw, now() "
             "FROM incoming_q i WHERE NOT EXISTS (SELECT 1 FROM etl_quarantine q WHERE "
-            "q.source = ? AND q.source_ref = i.source_ref AND q.raw IS NOT DISTINCT FROM i.raw)",
+            "q.source = ? AND q.source_ref = i.source_ref AND (q.raw IS NOT DISTINCT FROM i.raw "
+            "OR (q.raw IS NULL AND q.reasons = i.reasons)))",
             [source, run_id, chunk_id, source]).fetchone()
         loaded = int(inserted[0]) if inserted else 0
         held_count = int(held[0]) if held else 0
