@@ -38,11 +38,10 @@ def finalize_run(res: Resources, chain: StoreChain, run_id: str) -> Summary | No
     dead = dead_letters.of_run(r, run_id)
     dead_unit_ids = {e["unit_id"] for e in dead}
     refused, recovered = state.rejected(r, run_id), state.recovered(r, run_id)
-    loaded = sum(v[0] for v in ledger.values())
-    quarantined = sum(v[1] for v in ledger.values())
+    loaded, quarantined, unchanged = _totals(ledger)
     # Skipped: rows the store already had in the same version (a re-read), files already
     # loaded under another name.
-    skipped = sum(v[2] for v in ledger.values()) + int(data.get("plan_skipped", 0))
+    skipped = unchanged + int(data.get("plan_skipped", 0))
     dead_rows = sum(n for c, n in chunk_rows.items()
                     if c not in ledger and chunk_units.get(c) in dead_unit_ids)
     started = float(data.get("started_at") or data.get("created_at") or time.time())
@@ -55,7 +54,7 @@ def finalize_run(res: Resources, chain: StoreChain, run_id: str) -> Summary | No
         extracted=sum(chunk_rows.values()), loaded=loaded, quarantined=quarantined,
         skipped=skipped, dead_lettered=dead_rows,
         duration_s=round(finished - float(data.get("created_at", started)), 3),
-        quality_score=round(loaded / (loaded + quarantined), 4) if loaded + quarantined else None,
+        quality_score=_quality(loaded, quarantined),
         files=_file_results(units, refused, recovered, dead_unit_ids, ledger, chunk_units),
         dead_letters=[{k: e[k] for k in ("dead_letter_id", "stage", "item", "pointer",
                                          "reason", "attempts")} for e in dead],
@@ -90,19 +89,28 @@ def record_failed(res: Resources, chain: StoreChain, run_id: str) -> Summary | N
     ledger = state.ledger(r, run_id)
     created = float(data.get("created_at") or time.time())
     finished = float(data.get("finished_at") or time.time())
-    loaded = sum(v[0] for v in ledger.values())
-    quarantined = sum(v[1] for v in ledger.values())
+    loaded, quarantined, unchanged = _totals(ledger)
     summary = Summary(
         source=data["source"], run_id=run_id, status="failed",
         extracted=sum(state.chunk_rows(r, run_id).values()), loaded=loaded,
-        quarantined=quarantined, skipped=sum(v[2] for v in ledger.values()),
+        quarantined=quarantined, skipped=unchanged,
         duration_s=round(finished - created, 3),
-        quality_score=round(loaded / (loaded + quarantined), 4) if loaded + quarantined else None,
+        quality_score=_quality(loaded, quarantined),
         error=data.get("error"), metrics=state.metrics(r, run_id))
     _record(chain, summary, float(data.get("started_at") or created), finished, None, None)
     r.srem(state.UNRECORDED, run_id)
     health.check_run(r, res.pipeline, summary.public())
     return summary
+
+
+def _totals(ledger: dict[str, Any]) -> tuple[int, int, int]:
+    """Rows loaded, quarantined and unchanged over a run's committed chunks."""
+    return (sum(v[0] for v in ledger.values()), sum(v[1] for v in ledger.values()),
+            sum(v[2] for v in ledger.values()))
+
+
+def _quality(loaded: int, quarantined: int) -> float | None:
+    return round(loaded / (loaded + quarantined), 4) if loaded + quarantined else None
 
 
 def _record(chain: StoreChain, summary: Summary, started: float, finished: float,
