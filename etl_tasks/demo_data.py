@@ -24,8 +24,10 @@ from etl_tasks.sources.firebird import FirebirdTarget, connect, create_database
 
 # Firebird types a CASE/DECODE of string literals as CHAR of the longest one, so every text
 # expression is TRIMmed, or 'paid' would be stored as 'paid     '.
-# Planted claim defects: claim ids divisible by the prime break exactly that one rule.
-# The primes' pairwise products exceed 1,000,000, so up to that size no claim breaks two.
+# Planted claim defects: claim ids divisible by the prime break that rule. The primes'
+# pairwise products exceed 1,000,000, so up to that size no claim breaks two; above it a claim
+# id divisible by two of them breaks both and is still one quarantined row (see
+# `expected_defective_claims`, what a manifest counts).
 CLAIM_DEFECTS: dict[str, int] = {
     "amount_not_positive": 1009,
     "cpt_code_length": 1013,
@@ -66,8 +68,25 @@ END"""
 
 
 def expected_claim_defects(first_id: int, last_id: int) -> dict[str, int]:
-    """How many claims in [first_id, last_id] carry each planted defect."""
+    """How many claims in [first_id, last_id] carry each planted defect (a claim with two
+    defects is counted under both: these do not add up to quarantined rows)."""
     return {kind: last_id // p - (first_id - 1) // p for kind, p in CLAIM_DEFECTS.items()}
+
+
+def expected_defective_claims(first_id: int, last_id: int) -> int:
+    """How many claims in [first_id, last_id] carry at least one planted defect: the rows a
+    run quarantines. Inclusion-exclusion over the primes (they are distinct primes, so a
+    claim id is divisible by several exactly when it is divisible by their product)."""
+    primes = list(CLAIM_DEFECTS.values())
+    total = 0
+    for mask in range(1, 1 << len(primes)):
+        product, picked = 1, 0
+        for bit, p in enumerate(primes):
+            if mask >> bit & 1:
+                product, picked = product * p, picked + 1
+        count = last_id // product - (first_id - 1) // product
+        total += count if picked % 2 else -count
+    return total
 
 
 def generate_claims(target: FirebirdTarget, first_id: int, count: int) -> None:
@@ -121,8 +140,10 @@ def make_demo_data(demo_dir: Path, target: FirebirdTarget, *, claims: int,
     # The second table (source visits): a text key and WIN1252 text, configuration only.
     make_visits(target, visits)
     manifest: dict[str, Any] = {
-        "billing": {"rows": claims, "defects": expected_claim_defects(1, claims)},
-        "visits": {"rows": visits, "defects": {}}}
+        # defects: claims per planted defect; defective_rows: claims with any (the quarantine).
+        "billing": {"rows": claims, "defects": expected_claim_defects(1, claims),
+                    "defective_rows": expected_defective_claims(1, claims)},
+        "visits": {"rows": visits, "defects": {}, "defective_rows": 0}}
     writers: dict[str, Callable[[Path], list[FileManifest]]] = {
         "lab_feeds": lambda inbox: write_lab_feeds(inbox, files=lab_files,
                                                    records_per_file=lab_records),

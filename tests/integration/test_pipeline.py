@@ -19,7 +19,7 @@ TABLES = {"billing": ("billing_claims", "claim_id"),
 def _source_rows(stack, source):
     m = stack.manifest
     if source == "billing":
-        return m["billing"]["rows"], sum(m["billing"]["defects"].values())
+        return m["billing"]["rows"], m["billing"]["defective_rows"]
     files = m["lab_feeds" if source == "lab_results" else "registrations"]
     return sum(f["rows"] for f in files), sum(sum(f["defects"].values()) for f in files)
 
