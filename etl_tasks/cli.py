@@ -509,7 +509,9 @@ def quarantine_replay(
     """Validate quarantined rows again by the current rules (after a rule or source fix) and
     load those that pass, exactly once: upserted like any chunk, removed from quarantine and
     recorded in the ledger in one transaction, on the loader. Rows that still fail stay with
-    their current rules; rows whose raw values were purged cannot be replayed (counted)."""
+    their current rules; rows whose raw values were purged cannot be replayed (counted).
+    A source that cannot be replayed (a generic table's Firebird unreachable, its table
+    gone) is reported with what to do and the others are replayed; exit 1 then."""
     from etl_tasks.resources import get_resources
     from etl_tasks.tasks import replay_quarantine_task
 
@@ -522,8 +524,11 @@ def quarantine_replay(
         err.print("[red]nothing enqueued[/red]")
         raise typer.Exit(2)
     counts = _loader_answer(replay_quarantine_task.apply_async((source,)), timeout, "replay")
+    failed = {name: f["error"] for name, f in counts.items() if f.get("error")}
     if as_json:
         print(json.dumps(counts, indent=2))
+        if failed:
+            raise typer.Exit(1)
         return
     table = Table(title="Quarantine replay")
     columns = {"examined": "examined", "loaded": "loaded", "unchanged": "already stored",
@@ -535,6 +540,10 @@ def quarantine_replay(
     for name, figures in counts.items():
         table.add_row(name, *(f"{figures[key]:,}" for key in columns))
     out.print(table)
+    for message in failed.values():
+        err.print(f"[red]{escape(message)}[/red]", soft_wrap=True)
+    if failed:
+        raise typer.Exit(1)
 
 
 @cli.command()

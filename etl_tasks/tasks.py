@@ -38,7 +38,7 @@ from etl_tasks.monitoring.sentry import init_sentry
 from etl_tasks.resources import Resources, get_resources, reset_resources
 from etl_tasks.runs import dead_letters, items, lease, recovery, split, state, supervisor
 from etl_tasks.runs.finalize import finalize_run, record_failed
-from etl_tasks.runs.plan import plan_run
+from etl_tasks.runs.plan import plan_run, replay_spec
 
 log = logging.getLogger(__name__)
 REBUILD_PENDING = "etl:rebuild:pending"
@@ -332,16 +332,15 @@ def purge_quarantine_raw_task(older_than_days: float | None = None) -> int:
 
 
 @app.task(base=EtlTask, name="etl.load.replay_quarantine")
-def replay_quarantine_task(source: str | None = None) -> dict[str, dict[str, int]]:
+def replay_quarantine_task(source: str | None = None) -> dict[str, dict[str, Any]]:
     """Validate the quarantined rows of `source` (None: every source) again by the current
-    rules and load those that pass; counts per source. DuckDB only: while it is unavailable
-    the task is retried with backoff, never written to a fallback store."""
+    rules and load those that pass; counts and an `error` (None: replayed) per source, a
+    source that fails not stopping the others. DuckDB only: while it is unavailable the task
+    is retried with backoff, never written to a fallback store."""
     res = get_resources()
     chosen = [res.pipeline.source(source)] if source else res.pipeline.sources
     with _duckdb() as (con, fence):
-        return {src.name: quarantine.replay(con, source=src.name, dataset=src.dataset,
-                                            table=src.table, fence=fence).public()
-                for src in chosen}
+        return quarantine.replay_sources(con, chosen, lambda src: replay_spec(res, src), fence)
 
 
 @app.task(base=EtlTask, name="etl.control.notify", max_retries=10)

@@ -249,6 +249,8 @@ def _quarantine(
 
 # A reason that is a fact about the row's file (an earlier row had its key), not its values.
 _DUPLICATE_IN_FILE = ": duplicate within file"
+# And one about the source's bytes (checks._undecodable): the raw text has them replaced.
+_UNDECODABLE = ": not valid text in the source's character set"
 
 
 @dataclass(frozen=True)
@@ -262,21 +264,26 @@ class Restaged:
 
 
 def restage_quarantined(
-    dataset: Dataset | str, raws: Sequence[str], source_refs: Sequence[str],
+    dataset: Dataset | str | DatasetSpec, raws: Sequence[str], source_refs: Sequence[str],
     reasons: Sequence[str]
 ) -> Restaged:
     """Rebuild a staged chunk from quarantined rows, the inverse of their raw JSON, so that
     transform_chunk can judge them again by the current rules.
 
     A row quarantined as a duplicate within its file stays one (the flag is a fact about the
-    file). A row whose raw is not an object of text values, whose values no longer read as
-    the contract's types (someone edited them), or, for claims, whose claim id no longer
-    gives its source pointer, is left out with that reason.
+    file), and so does a row whose text was not valid in the source's character set (its raw
+    holds the text with the bad bytes replaced, not what the source holds). A row whose raw
+    is not an object of text values, whose values no longer read as the contract's types
+    (someone edited them), or, for claims, whose claim id no longer gives its source pointer,
+    is left out with that reason. A generic table's `dataset` is its spec with the reflected
+    types (`datasets.generic_spec(schema=...)`); its name alone does not know them.
     """
-    schema = _INPUT_SCHEMAS.get(dataset) or datasets.lookup(dataset).input_schema()
+    spec = dataset if isinstance(dataset, DatasetSpec) else None
+    named = spec.name if spec is not None else str(dataset)
+    schema = _INPUT_SCHEMAS.get(named) or (spec or datasets.lookup(named)).input_schema()
     if schema is None:
-        raise FatalError(f"rows of dataset {dataset} cannot be read back: the types of its "
-                         "staged columns are not known here", source=dataset)
+        raise FatalError(f"rows of dataset {named} cannot be read back: the types of its "
+                         "staged columns are not known here", source=named)
     names = [name for name in schema.names if not name.startswith("_")]
     unreadable: dict[int, list[str]] = {}
     values: dict[str, list[str | None]] = {name: [] for name in names}
@@ -295,7 +302,7 @@ def restage_quarantined(
     for name in names:
         columns[name] = _read_back(name, values[name], schema.field(name).type, unreadable)
     refs = pa.array(source_refs, pa.string())
-    if dataset == "billing_claims":
+    if named == "billing_claims":
         # The pointer is made from the claim id, and the replay finds rows by their pointer.
         # (A row already left out has its reason; a mismatch would only repeat it.)
         same = pc.fill_null(pc.equal(_claim_refs(columns["claim_id"]), refs), False)
@@ -308,24 +315,46 @@ def restage_quarantined(
             columns["_duplicate"] = pa.array([_DUPLICATE_IN_FILE in r for r in reasons],
                                              pa.bool_())
     keep = pa.array([p not in unreadable for p in range(len(raws))], pa.bool_())
-    return Restaged(pa.table(columns, schema=schema).filter(keep), unreadable)
+    table = pa.table(columns, schema=schema)
+    marked = [_undecodable_columns(r) for r in reasons]
+    if any(marked):
+        table = table.append_column(checks.UNDECODABLE, pa.array(marked, pa.string()))
+    return Restaged(table.filter(keep), unreadable)
+
+
+def _undecodable_columns(reasons: str) -> str | None:
+    """The columns a row's reasons say were not valid text in the source's character set,
+    as the extractor's UNDECODABLE marker names them ("; "-joined); None for none."""
+    names = [rule.removesuffix(_UNDECODABLE) for rule in reasons.split("; ")
+             if rule.endswith(_UNDECODABLE)]
+    return "; ".join(names) or None
 
 
 def _read_back(name: str, texts: list[str | None], type_: pa.DataType,
                unreadable: dict[int, list[str]]) -> pa.Array:
     """One column of raw text as `type_`; values that do not read as it are noted by row."""
-    column = pa.array(texts, pa.string())
     try:
-        return pc.cast(column, type_)
+        return _cast_text(texts, type_)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
         pass  # some value does not read: find which, one by one (a rare, small path)
     readable: list[str | None] = []
     for position, text in enumerate(texts):
         try:
-            pc.cast(pa.array([text], pa.string()), type_)
+            _cast_text([text], type_)
         except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
             # Arrow's message quotes the value (patient data): only the rule is kept.
             unreadable.setdefault(position, []).append(f"{name}: cannot be read as {type_}")
             text = None
         readable.append(text)
-    return pc.cast(pa.array(readable, pa.string()), type_)
+    return _cast_text(readable, type_)
+
+
+def _cast_text(texts: list[str | None], type_: pa.DataType) -> pa.Array:
+    """Text as `type_`. Arrow casts no text to a time of day: it is read as that time on
+    1970-01-01, then the date is dropped (a reflected TIME column's raw is `HH:MM:SS.ffffff`)."""
+    column = pa.array(texts, pa.string())
+    if pa.types.is_time(type_):
+        instant = pc.cast(pc.binary_join_element_wise("1970-01-01 ", column, ""),
+                          pa.timestamp("us"))
+        return pc.cast(instant, type_)
+    return pc.cast(column, type_)

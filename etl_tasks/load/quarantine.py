@@ -13,16 +13,19 @@ import hashlib
 import itertools
 import logging
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from typing import Any, cast
+from typing import Any
 
 import duckdb
 import pyarrow as pa
 
-from etl_tasks.errors import FatalError
+from etl_tasks.config import SourceConfig
+from etl_tasks.datasets import DatasetSpec
+from etl_tasks.errors import FatalError, FencedOut, TransientError, safe_reason
 from etl_tasks.load import duckdb as store
 from etl_tasks.load.fence import WriterFence
-from etl_tasks.transform import QUARANTINE_SCHEMA, Dataset, restage_quarantined, transform_chunk
+from etl_tasks.transform import QUARANTINE_SCHEMA, restage_quarantined, transform_chunk
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +121,64 @@ class ReplayCounts:
         return asdict(self)
 
 
-def replay(con: duckdb.DuckDBPyConnection, *, source: str, dataset: str, table: str,
-           fence: WriterFence | None = None) -> ReplayCounts:
+SpecOf = Callable[[SourceConfig], "DatasetSpec | str"]
+"""The dataset a source's held rows are read back with (`runs/plan.replay_spec`); raises an
+EtlError when it cannot be had (a generic table's Firebird unreachable, its table gone)."""
+
+
+def replay_sources(con: duckdb.DuckDBPyConnection, sources: list[SourceConfig],
+                   spec_of: SpecOf, fence: WriterFence | None = None) -> dict[str, dict[str, Any]]:
+    """`replay` each source in turn; per source its counts and `error`, None when it was
+    replayed whole. A source that cannot be replayed (its rows' types unknown, a bug, a
+    fatal store error) is reported and the others go on; what it committed stays committed.
+    Only a store that is busy or unavailable, or a loader no longer the writer, stops the
+    lot: the task is retried, and what is already done is not done twice."""
+    done: dict[str, dict[str, Any]] = {}
+    for src in sources:
+        counts = ReplayCounts()
+        try:
+            # Only a source with rows to replay needs its spec (a generic table's: Firebird).
+            dataset = spec_of(src) if replayable(con, src.name) else src.dataset
+        except Exception as exc:  # noqa: BLE001 - this source only; reported, not raised
+            done[src.name] = _failed(src.name, counts, exc, "reading its columns' types")
+            continue
+        try:
+            replay(con, source=src.name, dataset=dataset, table=src.table, fence=fence,
+                   counts=counts)
+        except (TransientError, FencedOut):
+            raise
+        except Exception as exc:  # noqa: BLE001 - this source only; reported, not raised
+            done[src.name] = _failed(src.name, counts, exc, "replaying its rows")
+            continue
+        done[src.name] = {**counts.public(), "error": None}
+    return done
+
+
+def replayable(con: duckdb.DuckDBPyConnection, source: str) -> bool:
+    """Does `source` hold quarantined rows whose raw values are kept?"""
+    return con.execute("SELECT count(*) FROM etl_quarantine WHERE source = ? AND raw IS NOT "
+                       "NULL", [source]).fetchone() != (0,)
+
+
+def _failed(source: str, counts: ReplayCounts, exc: Exception, step: str) -> dict[str, Any]:
+    reason = safe_reason(exc, f"quarantine replay of {source}")
+    # A message of ours or an exception's type: never a value (errors.safe_reason).
+    log.error("quarantine replay of %s stopped %s: %s", source, step, reason, exc_info=exc)
+    return {**counts.public(), "error": (
+        f"source {source}: quarantine replay stopped {step}: {reason}. What was replayed "
+        f"stays; fix that, then run `etl quarantine replay --source {source}` again")}
+
+
+def replay(con: duckdb.DuckDBPyConnection, *, source: str, dataset: str | DatasetSpec,
+           table: str, fence: WriterFence | None = None,
+           counts: ReplayCounts | None = None) -> ReplayCounts:
     """Validate `source`'s quarantined rows again against the current rules and load those
     that pass into `table`, one chunk per chunk the rows were quarantined from, in the order
     those were committed (so the upsert's newer-version rule sees them in order). Each
-    transaction is sealed with `fence`, the loader's (load/fence.py)."""
-    counts = ReplayCounts()
+    transaction is sealed with `fence`, the loader's (load/fence.py). `dataset` is a name,
+    or a spec (a generic table's, with its reflected types); `counts` is added to as the
+    replay goes, so a caller sees what was done before a failure."""
+    counts = ReplayCounts() if counts is None else counts
     [(counts.purged,)] = con.execute("SELECT count(*) FROM etl_quarantine WHERE source = ? "
                                      "AND raw IS NULL", [source]).fetchall()
     origins = con.execute(
@@ -139,14 +193,14 @@ def replay(con: duckdb.DuckDBPyConnection, *, source: str, dataset: str, table: 
             "run_id = ? AND chunk_id = ? AND raw IS NOT NULL ORDER BY rank, source_ref",
             [source, run_id, chunk_id]).fetchall()
         for _, batch in itertools.groupby(held, key=lambda row: row[3]):
-            _replay_batch(con, counts, source, cast("Dataset", dataset), table, run_id, chunk_id,
+            _replay_batch(con, counts, source, dataset, table, run_id, chunk_id,
                           [row[:3] for row in batch], fence)
     log.info("quarantine replay of %s: %s", source, counts.public())
     return counts
 
 
 def _replay_batch(con: duckdb.DuckDBPyConnection, counts: ReplayCounts, source: str,
-                  dataset: Dataset, table: str, run_id: str, chunk_id: str,
+                  dataset: str | DatasetSpec, table: str, run_id: str, chunk_id: str,
                   held: list[tuple[str, str, str]], fence: WriterFence | None) -> None:
     """Judge one chunk's quarantined rows again; commit those that pass with their release
     from quarantine and a ledger row, and rewrite the reasons of those whose rules changed."""
@@ -180,7 +234,8 @@ def _replay_batch(con: duckdb.DuckDBPyConnection, counts: ReplayCounts, source: 
     entry = store.LedgerEntry(run_id=store.REPLAY_RUN_ID,
                               chunk_id=_chunk_id(source, run_id, chunk_id, passed, raws),
                               unit_id=chunk_id, kind=REPLAY_KIND)
-    written = store.write_chunk(con, source=source, table=table, dataset=dataset, entry=entry,
+    name = dataset if isinstance(dataset, str) else dataset.name
+    written = store.write_chunk(con, source=source, table=table, dataset=name, entry=entry,
                                 valid=result.valid, quarantined=QUARANTINE_SCHEMA.empty_table(),
                                 also=settle, fence=fence)
     # Already in the ledger: these very rows were committed and released together, so they

@@ -20,8 +20,9 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from etl_tasks import checkpoints, inbox
+from etl_tasks import checkpoints, datasets, inbox
 from etl_tasks.config import SourceConfig
+from etl_tasks.datasets import DatasetSpec
 from etl_tasks.errors import CircuitOpen, FatalError
 from etl_tasks.monitoring.alerts import alert
 from etl_tasks.resources import Resources
@@ -149,14 +150,20 @@ def _plan_firebird(res: Resources, src: SourceConfig, options: state.RunOptions
     return units, updated_to, schema
 
 
-def table_schema(con: Any, src: SourceConfig) -> TableSchema:
+def reflected(con: Any, src: SourceConfig) -> TableSchema:
     """The source's table reflected, less its excluded columns, read in its character set;
-    a FatalError naming the source, table and column for a name that is not there or a
-    column that cannot be read."""
+    a FatalError naming the source, table and column that cannot be read."""
     schema = firebird_schema.reflect(con, src.location, source=src.name)
     schema = replace(schema.without(src.exclude_columns, src.name), charset=src.charset)
     schema.readable(src.name)
     firebird_text.codec(schema.text_charset)  # an unknown character set stops the plan
+    return schema
+
+
+def table_schema(con: Any, src: SourceConfig) -> TableSchema:
+    """`reflected`, checked for a run: a FatalError naming the source, table and column for
+    a key or change column that is not there, a clash of names, or keys that are NULL."""
+    schema = reflected(con, src)
     where = f"source {src.name}: "
     for role, name in (("key_column", src.key_column), ("updated_column", src.updated_column)):
         if name and schema.column(name) is None:
@@ -173,6 +180,24 @@ def table_schema(con: Any, src: SourceConfig) -> TableSchema:
                          f"{src.key_column}: no key range would read them (choose a key "
                          "column set in every row)", source=src.name)
     return schema
+
+
+def replay_spec(res: Resources, src: SourceConfig) -> DatasetSpec:
+    """The dataset spec the quarantine replay reads `src`'s held rows back with: a generic
+    table's carries the types of its columns as Firebird declares them now (reflected again
+    through the pool: the run's record may be gone, and rows held before a column was added
+    read back with it null, as the target table holds it); any other source's is its
+    configured one. A FatalError or TransientError says why it cannot be had."""
+    spec = datasets.spec_for(res.pipeline, src)
+    if not spec.generic:
+        return spec
+    try:
+        with res.firebird_pool.connection() as con:
+            schema = reflected(con, src)
+    except Exception as exc:
+        raise firebird.classify(exc, f"table {src.location}") from exc
+    staged = firebird_keys.staged_schema(schema, src.key_column or None)
+    return replace(spec, generic_schema=staged)
 
 
 def _integer_ranges(res: Resources, con: Any, src: SourceConfig, schema: TableSchema,

@@ -77,6 +77,19 @@ def null_keys(con: Any, schema: TableSchema, key: str) -> int:
         cur.close()
 
 
+def digest_pointers(schema: TableSchema, key: str | None) -> bool:
+    """Do a table's rows get `_source_ref` digests (`row_pointers`): a text key or none."""
+    column = schema.column(key) if key else None
+    return column is None or column.is_text
+
+
+def staged_schema(schema: TableSchema, key: str | None) -> pa.Schema:
+    """A staged chunk's columns, markers included, as `row_pointers` leaves them."""
+    staged = schema.arrow_schema()
+    return staged.append(pa.field("_source_ref", pa.string())) if digest_pointers(
+        schema, key) else staged
+
+
 def row_pointers(table: pa.Table, schema: TableSchema, key: str | None,
                  secret: bytes) -> pa.Table:
     """Add `_source_ref`, each row's pointer, where `<KEY>=<value>` will not do: a text key
@@ -84,9 +97,9 @@ def row_pointers(table: pa.Table, schema: TableSchema, key: str | None,
     then a keyed digest of the key (or of the whole row): stable across runs, so a row read
     again in the same state is recognized, and no value in clear. Other tables keep
     `<KEY>=<value>` (made by the transform, as for claims)."""
-    column = schema.column(key) if key else None
-    if column is not None and not column.is_text:
+    if not digest_pointers(schema, key):
         return table
+    column = schema.column(key) if key else None
     label = column.name if column is not None else "ROW"
     names = [column.staged_name] if column is not None else [
         c.staged_name for c in schema.columns]

@@ -8,6 +8,10 @@ compares what DuckDB holds with what Firebird returns through a plain cursor.
 from __future__ import annotations
 
 import datetime as dt
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -22,6 +26,7 @@ from etl_tasks.sources import firebird
 from etl_tasks.sources.firebird import FirebirdTarget
 
 pytestmark = pytest.mark.integration
+ETL = os.path.join(os.path.dirname(sys.executable), "etl")
 
 
 @contextmanager
@@ -180,11 +185,16 @@ def test_a_none_database_with_latin1_bytes_reads_right_and_bad_bytes_quarantine_
     """A NONE database whose applications wrote Latin-1: read with charset ISO8859_1 every
     value arrives intact; read as UTF8 (the default) the rows whose bytes are not UTF-8 are
     quarantined naming the column, the others load. A table without a key is read whole
-    each run, in slices, and never doubles."""
+    each run, in slices, and never doubles. `etl quarantine replay` reads a generic table's
+    held rows back in its reflected types (the run's record is not needed), keeps the rows
+    whose bytes were bad, and reports a source whose table cannot be read by name while
+    the others are replayed."""
     extra = (_source("latin_right", "LATIN_NOTES", 2, key_column="ID", charset="ISO8859_1")
              + _source("latin_wrong", "LATIN_NOTES", 2, key_column="ID",
                        target_table="latin_wrong")
-             + _source("codes", "CODES", 10))
+             + _source("codes", "CODES", 10)
+             + _source("codes_keyed", "CODES", 10, key_column="CODE",
+                       target_table="codes_keyed"))
     stack = world(pipeline_extra=extra)
     target = stack.firebird_target
     with _firebird(target) as cur:
@@ -232,6 +242,39 @@ def test_a_none_database_with_latin1_bytes_reads_right_and_bad_bytes_quarantine_
     # The pointer of a row without a key is a digest of its values, never the values.
     assert all(ref.startswith("ROW#") for (ref,) in stack.query("SELECT source_ref FROM codes"))
     assert _balance(stack, "codes") == (26, 25, 0, 0, 0)  # the repeat is explained
+
+    # Keyed by its text code, the repeat of C03 within its chunk is held (the upsert could
+    # not place two rows of one key in one chunk).
+    keyed = _run("codes_keyed")
+    assert (keyed.status, keyed.loaded, keyed.quarantined) == ("finished", 25, 1), keyed.error
+    # A column no range can read makes latin_wrong's held rows unreadable; the replay of
+    # every source goes on without it. The run records (and their reflected columns) gone
+    # from Redis: the replay reflects the tables again.
+    with _firebird(target) as cur:
+        cur.execute("ALTER TABLE LATIN_NOTES ADD SCAN BLOB SUB_TYPE 0")
+    stack.redis.delete(*stack.redis.scan_iter(match="etl:run:*", count=1000))
+    done = subprocess.run([ETL, "quarantine", "replay", "--json"], env=stack.env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stdout + done.stderr
+    counts = json.loads(done.stdout)
+    held = counts["codes_keyed"]
+    assert (held["examined"], held["loaded"] + held["unchanged"], held["still_quarantined"],
+            held["error"]) == (1, 1, 0, None)
+    assert stack.query("SELECT count(*), count(DISTINCT code) FROM codes_keyed") == [(25, 25)]
+    assert (counts["latin_wrong"]["examined"], counts["latin_right"]["error"]) == (0, None)
+    assert counts["latin_wrong"]["error"].startswith("source latin_wrong: quarantine replay "
+                                                     "stopped reading its columns' types")
+    assert "column SCAN of table LATIN_NOTES" in counts["latin_wrong"]["error"]
+    assert "etl quarantine replay --source latin_wrong" in counts["latin_wrong"]["error"]
+    with _firebird(target) as cur:
+        cur.execute("ALTER TABLE LATIN_NOTES DROP SCAN")
+    again = subprocess.run([ETL, "quarantine", "replay", "--source", "latin_wrong"],
+                           env=stack.env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    # Its bytes were not valid UTF-8: the raw text has them replaced, so the rows stay held.
+    assert _balance(stack, "latin_wrong") == (4, 1, 3, 0, 0)
+    shown = done.stdout + done.stderr + again.stdout + again.stderr
+    assert not any(value in shown for value in ("Müller", "Größe", "µmol/L"))
 
 
 # --- a WIN1252 database keyed by text --------------------------------------------------

@@ -18,9 +18,10 @@ RUN = "run-1"
 
 
 def _load(con, source, dataset, table, chunk, chunk_id):
-    """Commit a chunk the way the loader does: transform, then write_chunk with its ledger."""
+    """Commit a chunk the way the loader does: transform, then write_chunk with its ledger.
+    `dataset` is a name or a spec (a generic table's)."""
     result = transform_chunk(dataset, chunk)
-    store.write_chunk(con, source=source, table=table, dataset=dataset,
+    store.write_chunk(con, source=source, table=table, dataset=getattr(dataset, "name", dataset),
                       entry=store.LedgerEntry(RUN, chunk_id, chunk_id, "range"),
                       valid=result.valid, quarantined=result.quarantined)
 
@@ -185,3 +186,77 @@ def test_rows_that_cannot_be_read_back_are_left_out_with_one_reason_each():
         4: ["raw: not an object of the row's values as text"]}
     assert restaged.table.column("claim_id").to_pylist() == [1]
     assert str(restaged.table.column("amount")[0]) == "1.50"
+
+
+def test_a_generic_tables_rows_replay_in_their_reflected_types_and_one_failing_source_is_told(
+        con, monkeypatch):
+    """A generic Firebird table's held rows read back in the types reflected from Firebird
+    (a time of day, an instant, an exact decimal, INT128's digits, a boolean, the digest
+    pointer of a text key) and load once fixed; a row whose text was not valid in the
+    source's character set stays held (its raw has the bad bytes replaced). A source whose
+    types cannot be had is reported by name with what to do; the others are replayed."""
+    import datetime as dt
+
+    import pyarrow as pa
+
+    from etl_tasks import datasets
+    from etl_tasks.config import SourceConfig
+    from etl_tasks.errors import TransientError
+    from etl_tasks.sources import firebird_keys, firebird_text
+    from etl_tasks.sources import firebird_schema as fs
+
+    schema = fs.TableSchema("T", (
+        fs.Column("CODE", fs.VARCHAR, length=8, charset="WIN1252"),
+        fs.Column("AMOUNT", fs.INT64, sub_type=1, scale=-2, precision=12),
+        fs.Column("HUGE", fs.INT128), fs.Column("AT", fs.TIME),
+        fs.Column("SEEN_AT", fs.TIMESTAMP_TZ), fs.Column("OK", fs.BOOLEAN),
+        fs.Column("NOTE", fs.BLOB, sub_type=1, charset="WIN1252")))
+    staged = schema.arrow_schema()
+    values = [Decimal("-12.34"), "170141183460469231731687303715884105727",
+              dt.time(23, 59, 59, 999900), dt.datetime(2024, 6, 1, 10, 0, 0, 123400, tzinfo=dt.UTC),
+              True]
+    typed = [pa.array([v] * 3, f.type) for v, f in zip(values, list(staged)[1:6], strict=True)]
+    chunk = pa.table([pa.array(["A", None, "C"], pa.string()), *typed,
+                      pa.array(["ok", "µmol/L", "M\ufffdller"], pa.string())], schema=staged)
+    chunk = firebird_keys.row_pointers(chunk, schema, "CODE", b"k" * 32).append_column(
+        firebird_text.UNDECODABLE, pa.array([None, None, "NOTE"], pa.string()))
+    spec = datasets.generic_spec("source:t", key=("code",), version=None, table="t",
+                                 schema=firebird_keys.staged_schema(schema, "CODE"))
+    monkeypatch.setitem(datasets._installed, spec.name, spec)  # as the loader installs it
+    _load(con, "t", spec, "t", chunk, "t:skeys:1")
+    assert con.execute("SELECT count(*) FROM t").fetchone() == (1,)
+    refs = _reasons(con, "t")
+    assert sorted(refs.values()) == ["code: required",
+                                     "note: not valid text in the source's character set"]
+    assert all(ref.startswith("CODE#") for ref in refs)  # a digest: no key in clear
+    null_key = next(ref for ref, why in refs.items() if why == "code: required")
+    _edit_raw(con, "t", null_key, code="B")
+
+    def spec_of(src: SourceConfig):
+        if src.name == "gone":
+            raise TransientError("Firebird server unreachable or connection lost (table G)")
+        return spec
+
+    sources = [SourceConfig(name="gone", kind="firebird", location="G", key_column="ID"),
+               SourceConfig(name="t", kind="firebird", location="T", key_column="CODE",
+                            target_table="t")]
+    _load(con, "gone", "billing_claims", "billing_claims",
+          claims({"amount": Decimal("-1.00")}), "gone:keys:1-1")
+    done = quarantine.replay_sources(con, sources, spec_of)
+    assert done["t"] == {**quarantine.ReplayCounts(examined=2, loaded=1, still_quarantined=1,
+                                                   chunks=1).public(), "error": None}
+    assert done["gone"]["error"] == (
+        "source gone: quarantine replay stopped reading its columns' types: Firebird server "
+        "unreachable or connection lost (table G). What was replayed stays; fix that, then "
+        "run `etl quarantine replay --source gone` again")
+    assert done["gone"]["examined"] == 0
+    stored = con.execute("SELECT code, amount, huge, \"at\", seen_at, ok, note, source_ref FROM t "
+                         "WHERE code = 'B'").fetchall()
+    assert stored == [("B", Decimal("-12.34"), 2**127 - 1, dt.time(23, 59, 59, 999900),
+                       values[3], True, "µmol/L", null_key)]
+    assert list(_reasons(con, "t").values()) == [
+        "note: not valid text in the source's character set"]
+    # Again: nothing is left to do for the table; the failing source is told again.
+    again = quarantine.replay_sources(con, sources, spec_of)
+    assert (again["t"]["loaded"], again["t"]["chunks"], again["t"]["error"]) == (0, 0, None)
+    assert again["gone"]["error"]
