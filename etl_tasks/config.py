@@ -121,7 +121,8 @@ class Settings(BaseSettings):
     min_split_keys: int = Field(default=1_000, ge=1)
     """A key range that runs out of memory (a MemoryError, or its worker killed
     `max_attempts` times) is split in halves and tried again while it has more keys than
-    this; at the floor it becomes a dead letter. Files are never split."""
+    this (a sampled range: rows); at the floor it becomes a dead letter. Files are never
+    split."""
     alert_webhook_url: SecretStr | None = None
     """Alerts are also POSTed here as JSON (retried with backoff, never blocking a run);
     secret because such URLs often carry a token."""

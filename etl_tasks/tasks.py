@@ -38,7 +38,7 @@ from etl_tasks.monitoring.sentry import init_sentry
 from etl_tasks.resources import Resources, get_resources, reset_resources
 from etl_tasks.runs import dead_letters, items, lease, recovery, split, state, supervisor
 from etl_tasks.runs.finalize import finalize_run, record_failed
-from etl_tasks.runs.plan import plan_run, replay_spec
+from etl_tasks.runs.plan import middle_token, plan_run, replay_spec
 
 log = logging.getLogger(__name__)
 REBUILD_PENDING = "etl:rebuild:pending"
@@ -182,7 +182,9 @@ def _split(res: Resources, run_id: str, stage: items.Stage, item: str, reason: s
     unit_id = item if stage == "extract" else state.unit_of(r, run_id, item)
     if stage == "load" or unit_id is None:
         return False
-    parts = split.split_unit(r, run_id, unit_id, res.settings.min_split_keys, stage, reason)
+    floor = res.settings.min_split_keys
+    parts = split.split_unit(r, run_id, unit_id, floor, stage, reason,
+                             lambda unit: middle_token(res, run_id, unit, floor))
     if parts is None:
         return False
     log.warning("run %s: %s of %s ran out of memory or killed its worker (%s); split into %s",

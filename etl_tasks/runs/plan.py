@@ -248,6 +248,30 @@ def _sampled_ranges(res: Resources, con: Any, src: SourceConfig, schema: TableSc
     return units, updated_to.isoformat() if updated_to is not None else None
 
 
+def middle_token(res: Resources, run_id: str, unit: Unit, floor: int) -> str | None:
+    """The sealed boundary that cuts a sampled range in halves (`split.halves`), from the
+    table in the run's recorded columns; None when it cannot be cut (`floor` rows or fewer,
+    no key inside it, the run's record gone, Firebird not answering: it is then retried or
+    dead-lettered as any failure)."""
+    info = state.info(res.redis, run_id)
+    recorded, name = info.get("table_schema"), info.get("source")
+    try:
+        src = res.pipeline.source(str(name))
+        if not recorded or not src.key_column:
+            return None
+        schema = TableSchema.from_json(recorded)
+        lo, hi = (bounds.open_bound(res.sealer, src.name, t) for t in (unit.text_lo,
+                                                                        unit.text_hi))
+        with res.firebird_pool.connection() as con:
+            found = firebird_keys.middle_bound(con, schema, _name(schema, src.key_column),
+                                               lo, hi, floor)
+    except Exception as exc:  # noqa: BLE001 - not cut now; the failure takes its course
+        log.warning("run %s: %s could not be cut in halves (%s)", run_id, unit.unit_id,
+                    firebird.classify(exc, f"range {unit.unit_id}"))
+        return None
+    return bounds.seal(res.sealer, src.name, found) if found is not None else None
+
+
 def _cut(sealer: Sealer, src: SourceConfig, label: str, kind: str, start: str,
          found: list[bytes]) -> list[Unit]:
     """Sampled ranges: (start, b1], (b1, b2], ... each boundary sealed once, so the range it

@@ -10,6 +10,13 @@ order over contiguous, committed ranges, and each half is committed and checkpoi
 own. The old unit is settled as split into its parts (`replaced`), not dead: a late message
 for it is dropped, and the run completes when its parts do.
 
+A sampled range (a key that is not an integer, cut at sealed boundaries sampled from the
+table) is cut at the key of its middle row, which Firebird picks in its own key order
+(`plan.middle_token`): `visits:skeys:3` -> `visits:skeys:3.1` (lo, middle] and
+`visits:skeys:3.2` (middle, hi], the middle sealed once and shared by both, so the mark
+walks them by token as it walks the plan's ranges. Its floor is in rows: a range of
+`min_split_keys` rows or fewer, or one no key inside can cut, is not split.
+
 Files are not split: a file loads or is refused whole, so a file chunk that runs out of
 memory is retried and dead-lettered after its attempts like any other failure.
 """
@@ -18,6 +25,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from dataclasses import replace
 
 import redis
@@ -73,8 +81,19 @@ return 1
 """
 
 
-def halves(old: Unit, floor: int) -> tuple[Unit, Unit] | None:
-    """The two halves of a key range, or None: a file, or a range of `floor` keys or less."""
+Middle = Callable[[Unit], str | None]
+"""The sealed boundary cutting a sampled range in halves; None when it cannot be cut."""
+
+
+def halves(old: Unit, floor: int, middle: Middle | None = None) -> tuple[Unit, Unit] | None:
+    """The two halves of a key range, or None: a file, a range of `floor` keys or less, or a
+    sampled range that `middle` (None: not given) does not cut."""
+    if old.sampled:
+        token = middle(old) if middle is not None and old.kind != "file" else None
+        if not token:
+            return None
+        return (replace(old, unit_id=f"{old.unit_id}.1", text_hi=token),
+                replace(old, unit_id=f"{old.unit_id}.2", text_lo=token))
     span = f"{old.lo}-{old.hi}"
     if old.kind == "file" or old.hi - old.lo + 1 <= floor or span not in old.unit_id:
         return None
@@ -85,13 +104,17 @@ def halves(old: Unit, floor: int) -> tuple[Unit, Unit] | None:
 
 
 def split_unit(r: redis.Redis, run_id: str, unit_id: str, floor: int, stage: str,
-               reason: str) -> tuple[Unit, Unit] | None:
+               reason: str, middle: Middle | None = None) -> tuple[Unit, Unit] | None:
     """Replace the unit by its halves in the run's plan, first in line for the window;
-    None when it cannot be split (or another delivery split it first)."""
+    None when it cannot be split (or another delivery split it first). `middle` cuts a
+    sampled range (`plan.middle_token`)."""
     try:
-        parts = halves(unit(r, run_id, unit_id), floor)
+        old = unit(r, run_id, unit_id)
     except KeyError:
         return None
+    if is_replaced(r, run_id, unit_id):
+        return None  # another delivery split it first: no boundary to look for
+    parts = halves(old, floor, middle)
     if parts is None:
         return None
     record = json.dumps({"parts": [p.unit_id for p in parts], "stage": stage,

@@ -44,10 +44,7 @@ def sample_bounds(con: Any, schema: TableSchema, key: str, after: bytes | None, 
     """Boundaries cutting the rows with key > `after` (and `where`) into ranges of about
     `every` rows: every `every`-th key in key order, then the largest. Text keys come back as
     their exact bytes, other keys as their text. [] when there is no such row."""
-    column = schema.column(key)
-    q = quote(key)
-    value = (f"CAST({q} AS VARCHAR({octets(column)}) CHARACTER SET OCTETS)"
-             if column is not None and column.is_text else f"CAST({q} AS VARCHAR(64))")
+    q, value = quote(key), _key_value(schema, key)
     terms, args = range_condition(schema, key, after, None)
     terms += [f"{q} IS NOT NULL"] + ([where] if where else [])
     sql = (f"SELECT v FROM (SELECT {value} AS v, ROW_NUMBER() OVER (ORDER BY {q}) AS n, "
@@ -62,6 +59,39 @@ def sample_bounds(con: Any, schema: TableSchema, key: str, after: bytes | None, 
         cur.close()
     # A key that repeats (a split column need not be unique) bounds one range only.
     return list(dict.fromkeys(found))
+
+
+def middle_bound(con: Any, schema: TableSchema, key: str, lo: bytes | None, hi: bytes | None,
+                 floor: int) -> bytes | None:
+    """A boundary cutting the sampled range (lo, hi] in two parts of about half its rows: the
+    key of its middle row in key order, as `sample_bounds` gives keys. None when the range
+    holds `floor` rows or fewer, or when no key inside it cuts it (its later rows all share
+    the middle key): it cannot be split."""
+    q, table, value = quote(key), quote(schema.table), _key_value(schema, key)
+    terms, args = range_condition(schema, key, lo, hi)
+    where = " AND ".join([*terms, f"{q} IS NOT NULL"])
+    cur = con.cursor()
+    try:
+        cur.execute(f"SELECT v, total FROM (SELECT {value} AS v, ROW_NUMBER() OVER (ORDER BY "
+                    f"{q}) AS n, COUNT(*) OVER () AS total FROM {table} WHERE {where}) "
+                    "WHERE n = (total + 1) / 2", args)
+        found = cur.fetchone()
+        if found is None or int(found[1]) <= floor:
+            return None
+        middle = found[0] if isinstance(found[0], bytes) else str(found[0]).encode("ascii")
+        after, params = range_condition(schema, key, middle, hi)
+        cur.execute(f"SELECT COUNT(*) FROM {table} WHERE " + " AND ".join(after), params)
+        return middle if int(cur.fetchone()[0]) > 0 else None
+    finally:
+        cur.close()
+
+
+def _key_value(schema: TableSchema, key: str) -> str:
+    """The key as the bounds keep it: a text key's exact bytes, any other key's text."""
+    column, q = schema.column(key), quote(key)
+    if column is not None and column.is_text:
+        return f"CAST({q} AS VARCHAR({octets(column)}) CHARACTER SET OCTETS)"
+    return f"CAST({q} AS VARCHAR(64))"
 
 
 def null_keys(con: Any, schema: TableSchema, key: str) -> int:

@@ -360,6 +360,45 @@ def test_a_text_keyed_table_in_a_win1252_database_extracts_in_parallel_ranges_on
     assert stack.query("SELECT count(*) FROM visits") == [(320,)]
 
 
+def test_a_sampled_range_out_of_memory_is_cut_at_its_middle_key_down_to_the_floor(world):
+    """A text-keyed range whose extract runs out of memory is cut at the key of its middle
+    row (sampled from Firebird, sealed) like an integer range is halved, down to
+    ETL_MIN_SPLIT_KEYS rows; at the floor it is a dead letter (no key in it), the other
+    ranges load, and the next run, the fault gone, loads the rest once. The MemoryError is
+    injected by a fault point (ETL_FAULT_ACTION=memory): a real one cannot be produced
+    reliably, and the split path is the same for both."""
+    stack = world(env={"ETL_MIN_SPLIT_KEYS": "10", "ETL_MAX_ATTEMPTS": "1"},
+                  pipeline_extra=_source("tags", "TAGS", 20, key_column="TAG"))
+    with _firebird(stack.firebird_target) as cur:
+        cur.execute("CREATE TABLE TAGS (TAG VARCHAR(12) NOT NULL PRIMARY KEY, N INTEGER)")
+    keys = [f"T{(n * 17) % 41:03d}-ä" for n in range(1, 41)]  # not in insertion order
+    with _firebird(stack.firebird_target) as cur:
+        cur.executemany("INSERT INTO TAGS VALUES (?, ?)", [(k, n) for n, k in enumerate(keys)])
+    # Every extract of the second range, and of its parts, raises MemoryError.
+    stack.start_all(fleet_env={"ETL_FAULT_POINT": "extract@tags:skeys:2",
+                               "ETL_FAULT_ACTION": "memory"})
+
+    first = _run("tags")
+    assert first.status == "partial", first.error
+    # 20 rows cut at the 10th into two parts of 10: at the floor, each a dead letter.
+    assert sorted(d["item"] for d in first.dead_letters) == ["tags:skeys:2.1", "tags:skeys:2.2"]
+    assert {d["pointer"] for d in first.dead_letters} == {"sampled key range 2.1",
+                                                          "sampled key range 2.2"}
+    assert stack.query("SELECT count(*) FROM tags") == [(20,)]
+    assert "split into tags:skeys:2.1 and tags:skeys:2.2" in (
+        stack.root / "logs" / "fleet.log").read_text()
+    dead = stack.query("SELECT * FROM etl_dead_letters")
+    assert len(dead) == 2
+    assert not any(key in str(dead) or key in str(first) for key in keys)
+
+    stack.start_fleet()  # the fault gone
+    second = _run("tags")
+    assert second.status == "finished", second.error
+    assert stack.query("SELECT count(*), count(DISTINCT tag) FROM tags") == [(40, 40)]
+    assert stack.query("SELECT count(*) FROM etl_dead_letters WHERE status = 'open'") == [(0,)]
+    assert _balance(stack, "tags") == (40, 40, 0, 0, 0)
+
+
 def _assert_visits_match(stack: Any, target: FirebirdTarget) -> None:
     expected = [(key, mrn, name, unit.rstrip(" "), note, changed) for
                 key, mrn, name, unit, note, changed in _rows(

@@ -77,3 +77,37 @@ def test_split_unit_replaces_it_in_plan_order_and_the_mark_walks_the_halves(clie
     assert checkpoints.advance_key(r, "billing", state.units(r, RUN),
                                    state.done_chunks(r, RUN), None) == 300
     assert state.is_complete(r, RUN)
+
+
+def test_a_sampled_range_is_cut_at_its_middle_token_and_the_mark_walks_the_parts(client):
+    """A sampled range's parts share the middle boundary's token (the first ends there, the
+    second starts there), keep its kind and window, and take its place in the plan; the
+    sampled mark walks them by token. Not cut without a middle (at its floor in rows, or no
+    key inside it), nor without a way to find one."""
+    r = client()
+    units = [Unit(f"visits:skeys:{n}", "range", sampled=True, text_lo=lo, text_hi=hi)
+             for n, (lo, hi) in enumerate([("", "t1"), ("t1", "t2"), ("t2", "t3")], start=1)]
+    assert split.halves(units[1], 10) is None  # no middle finder: not cut
+    assert split.halves(units[1], 10, lambda unit: None) is None
+    state.create(r, RUN, "visits")
+    state.record_plan(r, RUN, units, 0, None)
+    asked: list[str] = []
+
+    def middle(unit: Unit) -> str:
+        asked.append(unit.unit_id)
+        return "tm"
+
+    parts = split.split_unit(r, RUN, "visits:skeys:2", 10, "extract", "MemoryError", middle)
+    assert parts is not None
+    assert [(p.unit_id, p.text_lo, p.text_hi, p.kind, p.sampled) for p in parts] == [
+        ("visits:skeys:2.1", "t1", "tm", "range", True),
+        ("visits:skeys:2.2", "tm", "t2", "range", True)]
+    # Split once: a second delivery does not even look for a middle.
+    assert split.split_unit(r, RUN, "visits:skeys:2", 10, "extract", "again", middle) is None
+    assert asked == ["visits:skeys:2"]
+    plan = [u.unit_id for u in state.units(r, RUN)]
+    assert plan == ["visits:skeys:1", "visits:skeys:2.1", "visits:skeys:2.2", "visits:skeys:3"]
+    done = {"visits:skeys:1", "visits:skeys:2.1"}
+    assert checkpoints.advance_key(r, "visits", state.units(r, RUN), done, None) == "tm"
+    done |= {"visits:skeys:2.2", "visits:skeys:3"}
+    assert checkpoints.advance_key(r, "visits", state.units(r, RUN), done, None) == "t3"
