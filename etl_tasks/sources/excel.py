@@ -4,11 +4,13 @@ Before any engine parses a zip container (.xlsx, .xlsm, .ods) its declared and a
 decompressed sizes are bounded (zip bombs), workbooks that carry macros (an .xlsm, a VBA
 project in any workbook, Basic modules or scripts in an .ods) are refused unless allowed
 (macros are never run), and empty, renamed, encrypted or truncated files get their own reason.
-Then strategies are tried in order, each attempt logged: python-calamine, openpyxl (read-only,
-.xlsx/.xlsm), a CSV sidecar with the same stem (`upload.csv` beside `upload.xlsx`), and the last
-good copy of the upload (same name in `last_good_dir`). A strategy fails when it cannot open
-the file or finds no header; once one has found the header its rows are read to the end, and
-an error there quarantines the file. If every strategy fails, the reason lists each one's.
+Then strategies are tried in order, each attempt logged: python-calamine (an .xlsx/.xlsm sheet
+in slices of rows, xlsx_slices.py, so that memory does not grow with the sheet; an .xls or .ods
+sheet whole), openpyxl (read-only, .xlsx/.xlsm), a CSV sidecar with the same stem
+(`upload.csv` beside `upload.xlsx`), and the last good copy of the upload (same name in
+`last_good_dir`). A strategy fails when it cannot open the file or finds no header; once one
+has found the header its rows are read to the end, and an error there quarantines the file.
+If every strategy fails, the reason lists each one's.
 
 The header row is found under any title rows and matched case- and space-insensitively. Cells
 become text without losing digits; parsing belongs to the transform. The header names are the
@@ -39,7 +41,7 @@ import python_calamine
 from openpyxl.utils.exceptions import InvalidFileException
 
 from etl_tasks.errors import EtlError, FatalError, SourceFileError
-from etl_tasks.sources import files
+from etl_tasks.sources import files, xlsx_slices
 
 log = logging.getLogger(__name__)
 
@@ -172,6 +174,8 @@ def _form(columns: Sequence[str], headers: Mapping[str, str] | None,
 _SIGNATURES = {b"PK\x03\x04": "zip", b"\xd0\xcf\x11\xe0": "ole"}
 _EXPECTED_SIGNATURE = {".xlsx": "zip", ".xlsm": "zip", ".ods": "zip", ".xls": "ole"}
 _OPENPYXL_SUFFIXES = frozenset({".xlsx", ".xlsm"})
+_SLICED = frozenset({".xlsx", ".xlsm"})
+"""Suffixes whose sheets python-calamine reads in slices (xlsx_slices.py), not whole."""
 _ENCRYPTED_MARKS = ("EncryptedPackage".encode("utf-16-le"), b"EncryptedPackage")
 # A legacy .xls keeps its VBA project in an OLE storage of this name (UTF-16 in the directory).
 _OLE_MACRO_MARKS = ("_VBA_PROJECT_CUR".encode("utf-16-le"),)
@@ -259,6 +263,8 @@ def classify(
 
 def _short_reason(exc: BaseException) -> str | None:
     """Our own words for an engine's error; engine messages can quote bytes of the file."""
+    if isinstance(exc, xlsx_slices.SliceError):
+        return str(exc)
     if isinstance(exc, python_calamine.PasswordError):
         return "the workbook is password-protected (ask the sender for an unprotected copy)"
     if isinstance(exc, python_calamine.ZipError | zipfile.BadZipFile):
@@ -386,6 +392,8 @@ def _open_calamine(path: Path) -> Workbook:
     book = python_calamine.CalamineWorkbook.from_path(path)
 
     def rows(name: str) -> Iterator[Sequence[Cell]]:
+        if path.suffix.lower() in _SLICED and (sliced := xlsx_slices.rows(path, name)):
+            return sliced
         sheet = book.get_sheet_by_name(name)
         if sheet.start is None:  # an empty sheet has no range to iterate
             return iter(())
