@@ -17,7 +17,7 @@ PY     := $(VENV)/bin/python
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 SYSTEM_PACKAGES := redis-server libtommath1
 
-.PHONY: demo test lint system-deps venv clean
+.PHONY: demo test lint bench system-deps venv clean
 
 demo: venv
 	$(VENV)/bin/etl demo
@@ -26,6 +26,13 @@ demo: venv
 test: NEED_TEST_PACKAGES := 1
 test: venv
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# The pipeline against one process and against dlt on the same Firebird file (benchmarks/
+# README.md). CLAIMS=1000000 BENCH_ARGS="--resilience both" for the full run.
+CLAIMS ?= 200000
+bench: venv
+	$(PY) -m pip install -q --group bench
+	$(PY) -m benchmarks.pipeline --claims $(CLAIMS) $(BENCH_ARGS)
 
 lint: venv
 	$(VENV)/bin/ruff check .
