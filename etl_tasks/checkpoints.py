@@ -11,7 +11,7 @@ before the next plan, so nothing committed is read as new and nothing new is ski
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import redis
 
@@ -44,6 +44,13 @@ def sampled_high_water(r: redis.Redis, source: str) -> str:
     return _text(r.hget(_key(source), "key_sampled")) or ""
 
 
+def key_advanced_at(r: redis.Redis, source: str) -> datetime | None:
+    """When the key mark (either kind) last moved; None when not known: it never moved, or
+    it was rebuilt from the ledger after Redis lost its data."""
+    text = _text(r.hget(_key(source), "key_at"))
+    return datetime.fromisoformat(text) if text else None
+
+
 def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str],
                 updated_to: str | None) -> int | str:
     """Move the key mark over the contiguous prefix of the run's committed ranges.
@@ -55,7 +62,7 @@ def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str],
     """
     if any(u.sampled for u in units if u.kind == "range"):
         return _advance_sampled(r, source, units, done, updated_to)
-    mark = key_high_water(r, source)
+    mark = start = key_high_water(r, source)
     # In key order: a range split in halves (runs/split.py) is two ranges in its place.
     ranges = sorted((u for u in units if u.kind == "range"), key=lambda u: u.lo)
     if not ranges or ranges[0].lo > mark + 1:
@@ -64,14 +71,16 @@ def advance_key(r: redis.Redis, source: str, units: list[Unit], done: set[str],
         if unit.unit_id not in done:
             break
         mark = max(mark, unit.hi)
-    _store_mark(r, source, "key", mark, updated_to)
+    _store_mark(r, source, "key", mark, updated_to, moved=mark != start)
     return mark
 
 
 def _store_mark(r: redis.Redis, source: str, field: str, mark: int | str,
-                updated_to: str | None) -> None:
+                updated_to: str | None, moved: bool) -> None:
     with r.pipeline() as p:
         p.hset(_key(source), field, mark)
+        if moved:  # when, for `etl sources` (a sampled mark itself is never shown)
+            p.hset(_key(source), "key_at", datetime.now(UTC).isoformat(timespec="seconds"))
         if updated_to:
             p.hsetnx(_key(source), "updated", updated_to)
         p.execute()
@@ -82,7 +91,7 @@ def _advance_sampled(r: redis.Redis, source: str, units: list[Unit], done: set[s
     """advance_key for sampled ranges: they are planned in key order, each starting at the
     token the previous one ends with, the first at the mark; so the mark walks the plan's
     order by token equality, never comparing keys (Python's order is not Firebird's)."""
-    mark = sampled_high_water(r, source)
+    mark = start = sampled_high_water(r, source)
     ranges = [u for u in units if u.kind == "range"]
     ends = [u.text_hi for u in ranges]
     if not ranges or mark not in (ranges[0].text_lo, *ends):
@@ -92,7 +101,7 @@ def _advance_sampled(r: redis.Redis, source: str, units: list[Unit], done: set[s
         if unit.unit_id not in done:
             break
         mark = unit.text_hi
-    _store_mark(r, source, "key_sampled", mark, updated_to)
+    _store_mark(r, source, "key_sampled", mark, updated_to, moved=mark != start)
     return mark
 
 

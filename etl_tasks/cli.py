@@ -316,15 +316,16 @@ def sources_cmd(
     when Firebird cannot be."""
     from redis import RedisError
 
-    from etl_tasks.catalog import describe, reflected_columns
+    from etl_tasks.catalog import checkpoint_text, describe, reflected_schema
     from etl_tasks.config import SourceConfig
     from etl_tasks.resources import get_resources
+    from etl_tasks.sources.firebird_schema import TableSchema
 
     res = get_resources()
 
-    def reflect(source: SourceConfig) -> list[dict[str, str | None]]:
+    def reflect(source: SourceConfig) -> TableSchema:
         with res.firebird_pool.connection() as con:
-            return reflected_columns(con, source)
+            return reflected_schema(con, source)
 
     try:
         res.redis.ping()
@@ -344,13 +345,11 @@ def sources_cmd(
     for col in ("source", "kind", "reads", "into", "key (version)", "schedule", "checkpoint"):
         table.add_column(col)
     for s in found:
-        mark = s["checkpoint"]
         table.add_row(s["name"], s["kind"], s.get("table") or s.get("inbox"),
                       s["target_table"] if s["dataset"] == s["target_table"]
                       else f"{s['target_table']} ({s['dataset']})",
                       f"{', '.join(s['key']) or '(whole row)'} ({s['version'] or '-'})",
-                      s["schedule"], "-" if mark is None else ", ".join(
-                          f"{k} {'-' if v is None else v}" for k, v in mark.items()))
+                      s["schedule"], checkpoint_text(s["checkpoint"]))
     out.print(table)
     for s in found:
         listed = ", ".join(f"{c['name']} <- {c['from']}" + (f" ({c['type']})" if c["type"]

@@ -348,6 +348,18 @@ def test_a_text_keyed_table_in_a_win1252_database_extracts_in_parallel_ranges_on
     mark = stack.redis.hget("etl:checkpoint:visits", "key_sampled")
     assert mark
     assert not any(key in mark for key in keys)
+    # `etl sources` says the mark is sampled and sealed, and when it moved: never a key.
+    as_json, as_table = (subprocess.run([ETL, "sources", *args], env=stack.env, text=True,
+                                        capture_output=True, timeout=60)
+                         for args in (["--json"], []))
+    for done in (as_json, as_table):
+        assert done.returncode == 0, done.stderr
+        assert not any(key in done.stdout + done.stderr for key in [*keys, mark])
+    [shown] = [s["checkpoint"] for s in json.loads(as_json.stdout) if s["name"] == "visits"]
+    assert (shown["key_mark"], shown["key_mark_kind"]) == (None, "sampled")
+    assert shown["key_advanced_at"]
+    assert "sampled" in as_table.stdout  # "key sampled (sealed)", wrapped in its cell
+    assert "(sealed)" in as_table.stdout
 
     # Redis loses everything: the sealed key mark is rebuilt from the ledger's chain of
     # bounds, so the next run reads only its look-back window again, not the whole table.

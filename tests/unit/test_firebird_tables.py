@@ -155,6 +155,39 @@ def test_a_sampled_key_mark_walks_committed_ranges_by_token_and_stops_at_a_gap(c
     assert checkpoints.updated_mark(r, "v") == dt.datetime(2026, 1, 1)
 
 
+def test_etl_sources_shows_a_sampled_mark_as_sealed_with_when_it_moved_never_its_value(client):
+    """`etl sources`' checkpoint names the key mark's kind: an integer key's number, a
+    sampled key's mark only as sealed (the token is never shown), none for a table without
+    a key; and when the mark last moved."""
+    from etl_tasks import catalog
+
+    r = client()
+    visits = SourceConfig(name="v", kind="firebird", location="VISITS", key_column="VISIT_ID")
+    keyless = SourceConfig(name="c", kind="firebird", location="CODES")
+    text_key = TableSchema("VISITS", (Column("VISIT_ID", fs.VARCHAR, length=24),))
+    assert catalog.key_kind(visits, text_key) == "sampled"
+    assert catalog.key_kind(visits, SCHEMA) is None  # no such column: Firebird cannot say
+    assert catalog.checkpoint(r, visits) == {"key_mark": None, "key_mark_kind": None,
+                                             "key_advanced_at": None, "updated_mark": None}
+    assert catalog.checkpoint(r, visits, "sampled")["key_mark_kind"] == "sampled"
+    token = "sealed-token-of-a-visit-id"
+    checkpoints.advance_key(r, "v", [_sampled(1, "", token)], {"v:skeys:1"}, "2026-01-01")
+    mark = catalog.checkpoint(r, visits)  # Redis alone tells: a sampled mark is there
+    assert (mark["key_mark"], mark["key_mark_kind"]) == (None, "sampled")
+    moved = dt.datetime.fromisoformat(mark["key_advanced_at"])
+    assert abs((dt.datetime.now(dt.UTC) - moved).total_seconds()) < 60
+    text = catalog.checkpoint_text(mark)
+    assert text.startswith("key sampled (sealed), moved ")
+    assert token not in text + str(mark)
+    assert catalog.checkpoint_text(catalog.checkpoint(r, keyless, "none")) == (
+        "whole table each run, updated <= -")
+    claims = SourceConfig(name="b", kind="firebird", location="BILLING_CLAIMS")
+    checkpoints.advance_key(r, "b", [Unit("b:keys:1-10", "range", lo=1, hi=10)],
+                            {"b:keys:1-10"}, None)
+    assert catalog.checkpoint(r, claims)["key_mark"] == 10
+    assert catalog.checkpoint_text(catalog.checkpoint(r, claims)).startswith("key <= 10, moved ")
+
+
 def test_the_sampled_mark_is_rebuilt_from_the_ledger_chain():
     """Rebuilt from committed ranges by token equality (a later fork wins); the updated mark
     is the oldest version along the chain."""
