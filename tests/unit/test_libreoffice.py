@@ -199,3 +199,21 @@ def test_ods_with_a_basic_macro_is_refused_unless_allowed(convert, tmp_path):
         {"mrn": "M-1", "zip": "02134", "_source_ref": "uploads.ods!Uploads:row=2"}
     ]
     assert not marker.exists()
+
+
+def test_demo_uploads_resaved_by_libreoffice_read_the_same_in_slices(convert, demo_uploads,
+                                                                     tmp_path, monkeypatch):
+    """LibreOffice's .xlsx (shared strings, its own styles and number formats) read by
+    python-calamine in slices of about 2 KB gives the batches of the whole sheet."""
+    from etl_tasks.sources import xlsx_slices
+
+    inbox, manifests = demo_uploads
+    copies = convert([inbox / m.name for m in manifests], "xlsx", tmp_path)
+    monkeypatch.setattr(xlsx_slices, "SLICE_BYTES", 2_000)
+    for copy in copies:
+        with zipfile.ZipFile(copy) as archive:
+            assert "xl/sharedStrings.xml" in archive.namelist()
+        sliced = read(copy)
+        with monkeypatch.context() as whole:
+            whole.setattr(excel, "_SLICED", frozenset())
+            assert sliced.equals(read(copy)), copy.name
