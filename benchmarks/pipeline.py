@@ -1,27 +1,31 @@
-"""The billing pipeline against one plain process doing the same work, on the same data.
+"""The billing pipeline against one process doing the same work and against dlt, in one run.
 
-    .venv/bin/python benchmarks/pipeline.py --claims 200000
-    .venv/bin/python benchmarks/pipeline.py --claims 1000000 --json
-    .venv/bin/python benchmarks/pipeline.py --claims 200000 --fleet 4 --keep /tmp/bench
+    python -m benchmarks.pipeline --claims 200000
+    python -m benchmarks.pipeline --claims 1000000 --json --resilience both
+    python -m benchmarks.pipeline --claims 200000 --fleet 4 --keep /tmp/bench --peers direct
 
-In a temporary folder (or --keep DIR, left in place afterwards) it generates the embedded
-Firebird demo database with N claims, then measures, one after the other:
+From the repository root. In a temporary folder (or --keep DIR, left in place afterwards) it
+generates the embedded Firebird demo database with N claims once, then measures on that file,
+one after the other (each peer in its own process, so its memory is its own):
 
-1. baseline ("plain script"): one process, no Celery, no Redis. One
-   `SELECT ... FROM BILLING_CLAIMS ORDER BY CLAIM_ID`, `fetchmany(50_000)` into Arrow batches,
-   `transform_chunk` per batch, valid rows and quarantine appended to a DuckDB file with a
-   plain `INSERT ... SELECT` per batch, all in one transaction;
-2. baseline with the project's range reader: the same, but reading each 50,000-key range with
-   `firebird.fetch_range` (Firebird builds the range as one CSV text, Arrow parses it), so
-   the ratio separates "a faster reader" from "a parallel fleet";
-3. the pipeline: a local redis-server, the fleet (`--concurrency K`, default the CPU count)
-   and the single loader as real `celery worker` processes; `run_source("billing").wait()`
-   is timed, worker start-up is not (it is reported on its own).
+1. `direct`: one process, no Celery, no Redis: the pipeline's own fetch (`fetch_range` per
+   chunk-size key range), validation (`transform_chunk`) and load (`write_chunk`) in a loop
+   (benchmarks/measure.py);
+2. `dlt`: dlt's `sql_table` (sqlalchemy-firebird, pyarrow backend) into a DuckDB file;
+3. `dlt_2proc`: the same in two processes at once, each over one half of the CLAIM_ID range
+   into its own DuckDB file; wall clock from the first start to the last end;
+4. `pipeline`: a private redis-server, the fleet (`--concurrency K`, default the CPU count)
+   and the single loader as real `celery worker` processes; from `run_source("billing")` to
+   the run's end (worker start-up is reported on its own). `--resilience off` passes
+   ETL_RESILIENCE=off to the workers; `both` runs the pipeline twice, on then off, each with
+   its own Redis, workers and DuckDB file.
 
-Each figure is rows per second = N / seconds. The pipeline's loaded + quarantined and each
-baseline's valid + quarantined must equal N, or the benchmark fails. Task runtimes from the
-worker logs ("succeeded in Xs") are summed per task name to show where the pipeline's time
-goes. All processes started here are stopped at the end, whatever happens.
+Each figure is rows per second = N / seconds. The benchmark fails (a BenchmarkError, exit 1)
+unless every path's loaded + quarantined rows equal N and its quarantined rows equal the
+claims the generator planted a defect on (dlt validates nothing: there loaded must be N).
+Peak RSS is VmHWM per process: the peers report their own, the pipeline's processes are
+sampled from /proc while the run goes. All processes started here are stopped at the end,
+whatever happens.
 """
 
 from __future__ import annotations
@@ -29,17 +33,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import resource
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from benchmarks.measure import DLT_CHUNK_SIZE, vm_hwm_mb
+
+REPO = Path(__file__).resolve().parent.parent
 BATCH_ROWS = 50_000
+PEERS = ("direct", "dlt", "dlt_2proc")
 
 PIPELINE_TOML = f"""
 [[sources]]
@@ -52,8 +58,6 @@ chunk_size = {BATCH_ROWS}
 target_table = "billing_claims"
 """
 
-_SUCCEEDED = re.compile(r"Task (etl\.[\w.]+)\[[^\]]+\] succeeded in ([0-9.]+)s")
-
 
 class BenchmarkError(RuntimeError):
     """A count did not add up, or a run did not finish: the figures would mean nothing."""
@@ -65,322 +69,262 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--fleet", type=int, default=os.cpu_count() or 1,
                         help="fleet worker concurrency K (default: the CPU count)")
+    parser.add_argument("--resilience", choices=["on", "off", "both"], default="on",
+                        help="pipeline with ETL_RESILIENCE on (default), off, or both runs")
+    parser.add_argument("--peers", default=",".join(PEERS),
+                        help=f"comma-separated peers to measure (default: all of "
+                             f"{','.join(PEERS)}; empty: none)")
+    parser.add_argument("--dlt-chunk-size", type=int, default=DLT_CHUNK_SIZE,
+                        help=f"dlt's sql_table chunk_size (default {DLT_CHUNK_SIZE:,})")
     parser.add_argument("--keep", type=Path, default=None,
                         help="work in DIR and leave the database, DuckDB files and logs there")
     args = parser.parse_args(argv)
-    if args.claims < 1:
-        parser.error("--claims must be at least 1")
+    if args.claims < 2:
+        parser.error("--claims must be at least 2 (dlt_2proc splits them in halves)")
     if args.fleet < 1:
         parser.error("--fleet must be at least 1")
+    args.peers = [p for p in args.peers.split(",") if p]
+    unknown = set(args.peers) - set(PEERS)
+    if unknown:
+        parser.error(f"unknown peers {sorted(unknown)}; choose from {', '.join(PEERS)}")
     return args
 
 
-def prepare_env(root: Path, redis_url: str) -> dict[str, str]:
-    """ETL_* settings pointing at `root`, set in this process (as the integration tests do)."""
+def prepare_env(root: Path) -> None:
+    """ETL_* settings of the source and the config, set in this process and so passed to
+    every process started here (each pipeline run adds its Redis and DuckDB file)."""
     (root / "pipeline.toml").write_text(PIPELINE_TOML)
-    env = {
-        "ETL_REDIS_URL": redis_url,
-        "ETL_DATA_DIR": str(root / "data"),
-        "ETL_DUCKDB_PATH": str(root / "data" / "warehouse.duckdb"),
-        "ETL_FIREBIRD_DSN": str(root / "data" / "billing.fdb"),
-        "ETL_FIREBIRD_RUNTIME_DIR": str(root / "data" / ".firebird"),
+    os.environ.update({
+        "ETL_FIREBIRD_DSN": str(root / "source" / "billing.fdb"),
+        "ETL_FIREBIRD_RUNTIME_DIR": str(root / "source" / ".firebird"),
         "ETL_PIPELINE_CONFIG": str(root / "pipeline.toml"),
         "ETL_STAGE_TTL_S": "3600",
-    }
-    os.environ.update(env)
-    from etl_tasks.celery import use_redis
-    from etl_tasks.resources import reset_resources
-
-    reset_resources()
-    use_redis(redis_url)
-    return dict(os.environ)
+    })
+    os.environ.pop("ETL_RESILIENCE", None)
 
 
 def clean(root: Path) -> None:
     """Remove what an earlier run in --keep DIR left, so this run starts from nothing."""
-    for name in ("redis", "logs"):
+    for name in ("source", "on", "off", "peers"):
         shutil.rmtree(root / name, ignore_errors=True)
-    for name in ("warehouse.duckdb", "baseline.duckdb", "baseline_range.duckdb"):
-        for path in (root / "data").glob(name + "*"):
-            path.unlink()
 
 
-# --- baselines ------------------------------------------------------------------------------
+# --- each measurement its own process (benchmarks/measure.py) --------------------------------
 
 
-def plain_batches(target: Any) -> Iterator[Any]:
-    """What a plain script does: one ordered SELECT, fetchmany into Arrow batches."""
-    import pyarrow as pa
-
-    from etl_tasks.sources import firebird
-
-    names = [name.lower() for name, _, _ in firebird.CLAIM_COLUMNS]
-    types = [typ for _, typ, _ in firebird.CLAIM_COLUMNS]
-    columns = ", ".join(name for name, _, _ in firebird.CLAIM_COLUMNS)
-    con = firebird.connect(target)
-    try:
-        cur = con.cursor()
-        cur.execute(f"SELECT {columns} FROM BILLING_CLAIMS ORDER BY CLAIM_ID")
-        while rows := cur.fetchmany(BATCH_ROWS):
-            values = list(zip(*rows, strict=True))
-            yield pa.table([pa.array(v, type=t) for v, t in zip(values, types, strict=True)],
-                           names=names)
-        cur.close()
-        con.commit()
-    finally:
-        con.close()
+def _command(measure: str, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "benchmarks.measure", measure, "--out", str(out), *extra]
 
 
-def range_batches(target: Any) -> Iterator[Any]:
-    """The project's reader in one process: fetch_range per 50,000-key range."""
-    from etl_tasks.sources import firebird
-
-    con = firebird.connect(target)
-    try:
-        bounds = firebird.key_bounds(con, "BILLING_CLAIMS", "CLAIM_ID", 0)
-        if bounds is not None:
-            lo, hi = bounds
-            for start in range(lo, hi + 1, BATCH_ROWS):
-                end = min(start + BATCH_ROWS - 1, hi)
-                yield firebird.fetch_range(con, "BILLING_CLAIMS", "CLAIM_ID", start, end)
-        con.commit()
-    finally:
-        con.close()
+def _result(name: str, proc: subprocess.CompletedProcess[str]) -> dict[str, Any]:
+    if proc.returncode != 0:
+        hint = ("; install the benchmark dependencies: make bench (pip install --group bench)"
+                if "No module named 'dlt'" in proc.stderr else "")
+        raise BenchmarkError(f"{name} failed (exit {proc.returncode}){hint}:\n"
+                             f"{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def run_baseline(batches: Callable[[Any], Iterator[Any]], target: Any,
-                 duckdb_path: Path) -> dict[str, Any]:
-    """Read, transform and append every claim in one process; time the whole and its parts."""
-    import duckdb
+def run_measure(measure: str, out: Path, *extra: str) -> dict[str, Any]:
+    proc = subprocess.run(_command(measure, out, *extra), cwd=REPO, capture_output=True,
+                          text=True, check=False)
+    return _result(measure, proc)
 
-    from etl_tasks.transform import OUTPUT_SCHEMAS, QUARANTINE_SCHEMA, transform_chunk
 
-    parts = {"read_s": 0.0, "transform_s": 0.0, "load_s": 0.0}
-    valid_rows = quarantined_rows = 0
-    started = time.perf_counter()
-    con = duckdb.connect(str(duckdb_path))
-    try:
-        empty_valid = OUTPUT_SCHEMAS["billing_claims"].empty_table()  # noqa: F841 - scanned
-        empty_q = QUARANTINE_SCHEMA.empty_table()  # noqa: F841 - scanned by DuckDB
-        con.execute("CREATE TABLE billing_claims AS SELECT * FROM empty_valid")
-        con.execute("CREATE TABLE etl_quarantine AS SELECT * FROM empty_q")
-        con.begin()
-        reader = batches(target)
-        while True:
-            t0 = time.perf_counter()
-            batch = next(reader, None)
-            t1 = time.perf_counter()
-            parts["read_s"] += t1 - t0
-            if batch is None:
-                break
-            result = transform_chunk("billing_claims", batch)
-            t2 = time.perf_counter()
-            parts["transform_s"] += t2 - t1
-            valid, quarantined = result.valid, result.quarantined  # noqa: F841 - scanned
-            con.execute("INSERT INTO billing_claims SELECT * FROM valid")
-            con.execute("INSERT INTO etl_quarantine SELECT * FROM quarantined")
-            parts["load_s"] += time.perf_counter() - t2
-            valid_rows += result.valid.num_rows
-            quarantined_rows += result.quarantined.num_rows
-        t3 = time.perf_counter()
-        con.commit()
-        parts["load_s"] += time.perf_counter() - t3
-        seconds = time.perf_counter() - started
-        stored = con.execute("SELECT (SELECT count(*) FROM billing_claims), "
-                             "(SELECT count(*) FROM etl_quarantine)").fetchone()
-    finally:
-        con.close()
-    assert stored is not None
-    if (valid_rows, quarantined_rows) != (stored[0], stored[1]):
-        raise BenchmarkError(f"baseline counted {valid_rows}+{quarantined_rows} rows but "
-                             f"{duckdb_path.name} holds {stored[0]}+{stored[1]}")
-    return {"seconds": seconds, "valid": valid_rows, "quarantined": quarantined_rows,
-            **{k: round(v, 3) for k, v in parts.items()}}
+def run_dlt_2proc(root: Path, n: int, chunk_size: int) -> dict[str, Any]:
+    """dlt twice at once, CLAIM_ID 1..n/2 and n/2+1..n, each its own pipeline and DuckDB file:
+    what a user could script around dlt. Timed from the first start to the last end."""
+    half = n // 2
+    procs = [subprocess.Popen(
+        _command("dlt", root / "peers" / f"dlt_2proc_{i}", "--chunk-size", str(chunk_size),
+                      "--lo", str(lo), "--hi", str(hi)),
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for i, (lo, hi) in enumerate(((1, half), (half + 1, n)))]
+    results = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        results.append(_result("dlt_2proc", subprocess.CompletedProcess(
+            proc.args, proc.returncode, stdout, stderr)))
+    seconds = max(r["ended"] for r in results) - min(r["started"] for r in results)
+    return {"seconds": seconds, "loaded": sum(r["loaded"] for r in results),
+            "quarantined": 0, "processes": results}
 
 
 # --- the pipeline ---------------------------------------------------------------------------
 
 
-def task_runtimes(log_dir: Path) -> dict[str, dict[str, float]]:
-    """Count, total, mean and max of "succeeded in Xs" per task name over the worker logs."""
-    seen: dict[str, list[float]] = {}
-    for log in sorted(log_dir.glob("*.log")):
-        for match in _SUCCEEDED.finditer(log.read_text(errors="replace")):
-            seen.setdefault(match.group(1), []).append(float(match.group(2)))
-    return {name: {"count": len(v), "total_s": round(sum(v), 3),
-                   "mean_s": round(sum(v) / len(v), 3), "max_s": round(max(v), 3)}
-            for name, v in sorted(seen.items())}
+def run_pipeline(args: argparse.Namespace, root: Path, mode: str) -> dict[str, Any]:
+    """One pipeline run of all N claims with resilience `mode` ("on" or "off") in its own
+    process, with its own redis-server, fleet, loader and DuckDB file."""
+    result = run_measure("pipeline", root / mode, "--fleet", str(args.fleet),
+                         "--resilience", mode)
+    if result["status"] != "finished":
+        raise BenchmarkError(f"the pipeline run (resilience {mode}) {result['status']}: "
+                             f"{result['error']}; see {root / mode / 'logs'}")
+    if mode == "on" and (result["loaded"], result["quarantined"]) != (
+            result["summary_loaded"], result["summary_quarantined"]):
+        raise BenchmarkError(f"pipeline summary says {result['summary_loaded']}+"
+                             f"{result['summary_quarantined']} rows but the warehouse holds "
+                             f"{result['loaded']}+{result['quarantined']}")
+    return result
 
 
-def pss_mb(pids: set[int], groups: set[int]) -> float:
-    """Memory of these processes plus every process in these process groups, as PSS: pages
-    shared after a fork count once in all, not once per pool process as RSS would."""
-    kb = 0
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            pgrp = int(stat[stat.rindex(")") + 2 :].split()[2])
-            if int(entry.name) not in pids and pgrp not in groups:
-                continue
-            for line in (entry / "smaps_rollup").read_text().splitlines():
-                if line.startswith("Pss:"):
-                    kb += int(line.split()[1])
-        except (OSError, ValueError):
-            continue  # the process ended meanwhile
-    return kb / 1024
+# --- the whole run --------------------------------------------------------------------------
 
 
-def count_warehouse(path: Path) -> tuple[int, int]:
-    """Billing rows and quarantined rows in the pipeline's DuckDB file (read only)."""
-    import duckdb
+def check(name: str, result: dict[str, Any], n: int, expected_quarantine: int | None) -> None:
+    """loaded + quarantined = N and quarantined = the planted defective claims (None: no
+    validation, so every row is loaded)."""
+    loaded, quarantined = result["loaded"], result["quarantined"]
+    if loaded + quarantined != n:
+        raise BenchmarkError(f"{name}: {loaded} loaded + {quarantined} quarantined != {n} claims")
+    if expected_quarantine is not None and quarantined != expected_quarantine:
+        raise BenchmarkError(f"{name}: {quarantined} quarantined, the planted defective claims "
+                             f"are {expected_quarantine}")
 
-    con = duckdb.connect(str(path), read_only=True)
-    try:
-        row = con.execute("SELECT (SELECT count(*) FROM billing_claims), "
-                          "(SELECT count(*) FROM etl_quarantine)").fetchone()
-    finally:
-        con.close()
-    assert row is not None
-    return int(row[0]), int(row[1])
+
+def _rate(n: int, result: dict[str, Any] | None) -> float | None:
+    return n / result["seconds"] if result else None
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 2) if a and b else None
 
 
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
-    from etl_tasks.local_services import RedisServer
+    from etl_tasks.config import get_settings
+    from etl_tasks.demo_data import expected_defective_claims, make_billing_db
+    from etl_tasks.resources import get_resources, reset_resources
 
     clean(root)
-    redis_server = RedisServer(root / "redis")
-    env = prepare_env(root, redis_server.url)
-
-    from etl_tasks.api import run_source
-    from etl_tasks.celery import app
-    from etl_tasks.demo_data import expected_claim_defects, make_billing_db
-    from etl_tasks.local_services import Worker, wait_for_workers
-    from etl_tasks.resources import get_resources
-
+    prepare_env(root)
+    reset_resources()
+    get_settings.cache_clear()
     n = args.claims
-    load_before = os.getloadavg()[0]
-    target = get_resources().firebird_target
+    loads: dict[str, float] = {"start": round(os.getloadavg()[0], 2)}
     t0 = time.perf_counter()
-    make_billing_db(target, n)
+    make_billing_db(get_resources().firebird_target, n)
     generate_s = time.perf_counter() - t0
-    expected_quarantine = sum(expected_claim_defects(1, n).values())
+    expected = expected_defective_claims(1, n)
 
-    data = root / "data"
-    plain = run_baseline(plain_batches, target, data / "baseline.duckdb")
-    ranged = run_baseline(range_batches, target, data / "baseline_range.duckdb")
-    for name, result in (("plain", plain), ("range reader", ranged)):
-        if result["valid"] + result["quarantined"] != n:
-            raise BenchmarkError(f"{name} baseline: {result['valid']} valid + "
-                                 f"{result['quarantined']} quarantined != {n} claims")
+    peers: dict[str, dict[str, Any]] = {}
+    chunk = str(args.dlt_chunk_size)
+    for peer in args.peers:
+        loads[peer] = round(os.getloadavg()[0], 2)
+        if peer == "direct":
+            peers[peer] = run_measure("direct", root / "peers" / "direct")
+            check("direct", peers[peer], n, expected)
+        elif peer == "dlt":
+            peers[peer] = run_measure("dlt", root / "peers" / "dlt", "--chunk-size", chunk)
+            check("dlt", peers[peer], n, None)
+        else:
+            peers[peer] = run_dlt_2proc(root, n, args.dlt_chunk_size)
+            check("dlt_2proc", peers[peer], n, None)
 
-    workers: list[Worker] = []
-    try:
-        redis_server.start()
-        env = dict(os.environ)
-        t0 = time.perf_counter()
-        workers.append(Worker("fleet", env, root / "logs" / "fleet.log",
-                              ["--concurrency", str(args.fleet)]).start())
-        workers.append(Worker("loader", env, root / "logs" / "loader.log").start())
-        wait_for_workers(app.control, ["fleet-", "loader-"])
-        worker_start_s = time.perf_counter() - t0
+    modes = ["on", "off"] if args.resilience == "both" else [args.resilience]
+    runs: dict[str, dict[str, Any]] = {}
+    for mode in modes:
+        loads[f"pipeline_resilience_{mode}"] = round(os.getloadavg()[0], 2)
+        runs[mode] = run_pipeline(args, root, mode)
+        # With resilience off validation may be off too: then every row is loaded.
+        check(f"pipeline (resilience {mode})", runs[mode], n,
+              expected if mode == "on" or runs[mode]["quarantined"] else None)
+    loads["end"] = round(os.getloadavg()[0], 2)
 
-        # Worker start-up is over: sample memory while the run goes (the workers started
-        # their own sessions, so each one's process group holds it and its pool children).
-        groups = {w.pid for w in workers}
-        assert redis_server.process is not None
-        redis_pid = redis_server.process.pid
-        peak_workers = peak_redis = 0.0
-        t0 = time.perf_counter()
-        handle = run_source("billing")
-        deadline = time.monotonic() + 3600
-        next_sample = 0.0
-        while (summary := handle.summary()) is None:
-            if time.monotonic() > deadline:
-                raise BenchmarkError(f"the pipeline run {handle.run_id} is not finished "
-                                     f"after an hour; see {root / 'logs'}")
-            if time.monotonic() >= next_sample:
-                peak_workers = max(peak_workers, pss_mb(set(), groups))
-                peak_redis = max(peak_redis, pss_mb({redis_pid}, set()))
-                next_sample = time.monotonic() + 0.25
-            time.sleep(0.02)
-        pipeline_s = time.perf_counter() - t0
-    finally:
-        for worker in workers:
-            worker.stop()
-        redis_server.stop()
-    if summary.status != "finished":
-        raise BenchmarkError(f"the pipeline run {summary.run_id} {summary.status}: "
-                             f"{summary.error}; see {root / 'logs'}")
-    if summary.loaded + summary.quarantined != n:
-        raise BenchmarkError(f"pipeline: {summary.loaded} loaded + {summary.quarantined} "
-                             f"quarantined != {n} claims")
-    stored = count_warehouse(Path(env["ETL_DUCKDB_PATH"]))
-    if stored != (summary.loaded, summary.quarantined):
-        raise BenchmarkError(f"pipeline summary says {summary.loaded}+{summary.quarantined} "
-                             f"rows but the warehouse holds {stored[0]}+{stored[1]}")
-    for name, q in (("plain", plain["quarantined"]), ("range reader", ranged["quarantined"]),
-                    ("pipeline", summary.quarantined)):
-        if q != expected_quarantine:
-            raise BenchmarkError(f"{name}: {q} quarantined, the planted defects are "
-                                 f"{expected_quarantine}")
-
-    baseline_rate = n / plain["seconds"]
-    range_rate = n / ranged["seconds"]
-    pipeline_rate = n / pipeline_s
-    return {
+    on, off = runs.get("on"), runs.get("off")
+    main = on or off
+    assert main is not None
+    rate = _rate(n, main)
+    rates = {peer: _rate(n, peers.get(peer)) for peer in PEERS}
+    result: dict[str, Any] = {
         "claims": n,
-        "baseline_rows_per_s": round(baseline_rate),
-        "baseline_range_reader_rows_per_s": round(range_rate),
-        "pipeline_rows_per_s": round(pipeline_rate),
-        "ratio": round(pipeline_rate / baseline_rate, 2),
-        "ratio_vs_range_reader": round(pipeline_rate / range_rate, 2),
-        "baseline_seconds": round(plain["seconds"], 3),
-        "baseline_range_reader_seconds": round(ranged["seconds"], 3),
-        "pipeline_seconds": round(pipeline_s, 3),
-        "worker_start_seconds": round(worker_start_s, 3),
+        "resilience": args.resilience,
+        "pipeline_rows_per_s": round(_rate(n, on)) if on else None,
+        "direct_rows_per_s": round(rates["direct"]) if rates["direct"] else None,
+        "dlt_rows_per_s": round(rates["dlt"]) if rates["dlt"] else None,
+        "dlt_2proc_rows_per_s": round(rates["dlt_2proc"]) if rates["dlt_2proc"] else None,
+        # The pipeline with resilience on (off when only off ran) over each peer.
+        "ratio_vs_direct": _ratio(rate, rates["direct"]),
+        "ratio_vs_dlt": _ratio(rate, rates["dlt"]),
+        "ratio_vs_dlt_2proc": _ratio(rate, rates["dlt_2proc"]),
+    }
+    if off:
+        off_rate = _rate(n, off)
+        result["pipeline_resilience_off_rows_per_s"] = round(off_rate) if off_rate else None
+    if on and off:
+        on_over_off = (_rate(n, on) or 0) / (_rate(n, off) or 1)
+        # Share of the unguarded throughput the resilience features take (target <= 0.15).
+        result["resilience_cost"] = round(1 - on_over_off, 3)
+        result["ratio_resilience_on_vs_off"] = round(on_over_off, 3)
+    rss: dict[str, Any] = {**main["roles_rss_mb"], "client": main["peak_rss_mb"]}
+    for peer in ("direct", "dlt"):
+        if peer in peers:
+            rss[peer] = peers[peer]["peak_rss_mb"]
+    if "dlt_2proc" in peers:
+        each = [p["peak_rss_mb"] for p in peers["dlt_2proc"]["processes"]]
+        rss["dlt_2proc"], rss["dlt_2proc_each"] = max(each), each
+    rss["harness"] = round(vm_hwm_mb(), 1)
+    result.update({
+        "pipeline_seconds": round(on["seconds"], 3) if on else None,
+        "pipeline_resilience_off_seconds": round(off["seconds"], 3) if off else None,
+        **{f"{peer}_seconds": round(peers[peer]["seconds"], 3) for peer in peers},
+        "dlt_2proc_process_seconds": [round(p["seconds"], 3) for p in
+                                      peers["dlt_2proc"]["processes"]]
+        if "dlt_2proc" in peers else None,
+        "peak_rss_mb": rss,
+        "peak_rss_mb_resilience_off": {**off["roles_rss_mb"], "client": off["peak_rss_mb"]}
+        if on and off else None,
+        "loaded": main["loaded"],
+        "quarantined": main["quarantined"],
+        "expected_quarantined": expected,
+        "worker_start_seconds": main["worker_start_s"],
         "generate_seconds": round(generate_s, 3),
         "fleet_processes": args.fleet,
         "cpu_count": os.cpu_count(),
-        # Other work on the machine skews every figure: the 1-minute load before and after.
-        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-        "peak_pss_workers_mb": round(peak_workers, 1),
-        "peak_pss_redis_mb": round(peak_redis, 1),
-        "loaded": summary.loaded,
-        "quarantined": summary.quarantined,
-        "baseline_parts_s": {k: plain[k] for k in ("read_s", "transform_s", "load_s")},
-        "baseline_range_reader_parts_s": {k: ranged[k]
-                                          for k in ("read_s", "transform_s", "load_s")},
-        "task_runtimes": task_runtimes(root / "logs"),
+        # Other work on the machine skews every figure: the 1-minute load at the start and
+        # the end, and when each measurement began.
+        "load_average_1m": [loads["start"], loads["end"]],
+        "load_average_1m_at": loads,
+        "direct_parts_s": peers["direct"]["parts_s"] if "direct" in peers else None,
+        "dlt_settings": {"chunk_size": args.dlt_chunk_size, "backend": "pyarrow",
+                         "reflection_level": "full_with_precision",
+                         "write_disposition": "append", "destination": "duckdb"},
+        "task_runtimes": main["task_runtimes"],
+        "task_runtimes_resilience_off": off["task_runtimes"] if on and off else None,
         "workdir": str(root) if args.keep else None,
-    }
+    })
+    return result
 
 
 def render(result: dict[str, Any]) -> str:
+    def rate(key: str, seconds: str) -> str:
+        value = result.get(key)
+        return "-" if value is None else f"{value:,} rows/s  ({result[seconds]} s)"
+
     rows = [
         ("claims", f"{result['claims']:,}"),
-        ("baseline (plain fetchmany)", f"{result['baseline_rows_per_s']:,} rows/s  "
-                                       f"({result['baseline_seconds']} s)"),
-        ("baseline (range reader)", f"{result['baseline_range_reader_rows_per_s']:,} rows/s  "
-                                    f"({result['baseline_range_reader_seconds']} s)"),
-        ("pipeline", f"{result['pipeline_rows_per_s']:,} rows/s  "
-                     f"({result['pipeline_seconds']} s)"),
-        ("ratio pipeline / baseline", f"{result['ratio']}x"),
-        ("ratio pipeline / range reader", f"{result['ratio_vs_range_reader']}x"),
+        ("pipeline (resilience on)", rate("pipeline_rows_per_s", "pipeline_seconds")),
+        ("pipeline (resilience off)", rate("pipeline_resilience_off_rows_per_s",
+                                           "pipeline_resilience_off_seconds")),
+        ("direct (one process)", rate("direct_rows_per_s", "direct_seconds")),
+        ("dlt", rate("dlt_rows_per_s", "dlt_seconds")),
+        ("dlt, two processes", rate("dlt_2proc_rows_per_s", "dlt_2proc_seconds")),
+        ("ratio vs direct / dlt / dlt_2proc",
+         " / ".join(f"{result[k]}x" if result[k] else "-"
+                    for k in ("ratio_vs_direct", "ratio_vs_dlt", "ratio_vs_dlt_2proc"))),
+    ]
+    if "resilience_cost" in result:
+        rows.append(("resilience cost (1 - on/off)", f"{result['resilience_cost']:.1%}"))
+    rows += [
         ("worker start-up (not timed)", f"{result['worker_start_seconds']} s"),
         ("demo data generation", f"{result['generate_seconds']} s"),
         ("fleet processes / CPUs", f"{result['fleet_processes']} / {result['cpu_count']}"),
-        ("load average before / after", " / ".join(map(str, result["load_average_1m"]))),
-        ("peak RSS: benchmark process", f"{result['peak_rss_mb']} MB"),
-        ("peak PSS: all workers / redis", f"{result['peak_pss_workers_mb']} MB / "
-                                          f"{result['peak_pss_redis_mb']} MB (sampled)"),
+        ("load average start / end", " / ".join(map(str, result["load_average_1m"]))),
+        ("peak RSS MB", ", ".join(f"{k} {v}" for k, v in result["peak_rss_mb"].items())),
     ]
-    for label, key in (("baseline parts", "baseline_parts_s"),
-                       ("range reader parts", "baseline_range_reader_parts_s")):
-        rows.append((label, ", ".join(f"{k.removesuffix('_s')} {v} s"
-                                      for k, v in result[key].items())))
+    if result["direct_parts_s"]:
+        rows.append(("direct parts", ", ".join(f"{k.removesuffix('_s')} {v} s"
+                                               for k, v in result["direct_parts_s"].items())))
     for name, t in result["task_runtimes"].items():
         rows.append((name, f"{t['count']} tasks, {t['total_s']} s in all, mean {t['mean_s']} s, "
                            f"max {t['max_s']} s"))
