@@ -256,7 +256,11 @@ def fetch_range(con: Any, table: str, key: str | None, lo: Bound, hi: Bound, *,
                            since=since, until=until)
     where = (f"{table} {key} {lo}-{hi}" if isinstance(lo, int) and isinstance(hi, int)
              else f"{table} {key or 'rows'} (a sampled key range)")
-    return firebird_text.parse(raw, schema, where=where, block_size=block_size)
+    parsed = firebird_text.parse(raw, schema, where=where, block_size=block_size)
+    column = schema.column(key) if key else None
+    # In key order, whichever way the text was fetched (groups come in any order): a range
+    # re-read gives the same chunk. About 5 ms for 50,000 rows.
+    return parsed.sort_by(column.staged_name) if column is not None else parsed
 
 
 def fetch_range_text(con: Any, schema: TableSchema, key: str | None, lo: Bound, hi: Bound, *,
@@ -270,13 +274,29 @@ def fetch_range_text(con: Any, schema: TableSchema, key: str | None, lo: Bound, 
         changed = quote(updated_column)
         where.append(f"{changed} > ? AND {changed} <= ?")
         params += [datetime.fromisoformat(since), datetime.fromisoformat(until)]
-    sql = f"SELECT {firebird_text.line_expression(schema)} AS r FROM {quote(schema.table)}"
-    if where:
-        sql += " WHERE " + " AND ".join(where)
+    line = firebird_text.line_expression(schema)
+    condition = (" WHERE " + " AND ".join(where)) if where else ""
+    sql = f"SELECT {line} AS r FROM {quote(schema.table)}{condition}"
     if key:
         sql += f" ORDER BY {quote(key)}"
     if rows:
         sql += f" ROWS {int(rows[0])} TO {int(rows[1])}"
+    if group := firebird_text.group_rows(schema):
+        column = schema.column(key) if key else None
+        if column is not None and column.is_integer_key and not rows:
+            # Grouped by the key itself: cheaper than numbering the rows, and the order of
+            # lines in a range does not matter.
+            grouped = (f"SELECT {quote(column.name)} / {group} AS g, {line} AS r "
+                       f"FROM {quote(schema.table)}{condition}")
+        else:
+            grouped = f"SELECT ROW_NUMBER() OVER () / {group} AS g, r FROM ({sql})"
+        try:
+            return _fetch_groups(con, grouped, params)
+        except Exception as exc:
+            if not _truncated(exc):
+                raise
+            # A group longer than its columns' declared lengths foretold (values full of
+            # quotes, or a key repeated): this range is read as one blob instead.
     cur = con.cursor()
     try:
         cur.execute(f"SELECT CAST(LIST(r, ASCII_CHAR(10)) AS BLOB SUB_TYPE BINARY) FROM ({sql})",
@@ -284,6 +304,25 @@ def fetch_range_text(con: Any, schema: TableSchema, key: str | None, lo: Bound, 
         return cur.fetchone()[0]  # type: ignore[no-any-return]
     finally:
         cur.close()
+
+
+def _fetch_groups(con: Any, grouped: str, params: list[Any]) -> bytes | None:
+    """The range text fetched as groups of lines (firebird_text.group_rows), joined."""
+    cur = con.cursor()
+    try:
+        cur.execute(f"SELECT CAST(LIST(r, ASCII_CHAR(10)) AS VARCHAR({firebird_text.GROUP_BYTES})"
+                    f" CHARACTER SET OCTETS) FROM ({grouped}) GROUP BY g", params)
+        parts = [part for (part,) in cur.fetchall()]
+    finally:
+        cur.close()
+    return b"\n".join(parts) if parts else None
+
+
+_STRING_TRUNCATION = 335544914  # isc_string_truncation
+
+
+def _truncated(exc: BaseException) -> bool:
+    return _STRING_TRUNCATION in (getattr(exc, "gds_codes", None) or ())
 
 
 def range_condition(schema: TableSchema, key: str | None, lo: Bound,
