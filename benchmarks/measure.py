@@ -183,6 +183,7 @@ def run_pipeline(out: Path, fleet: int, resilience: str) -> dict[str, Any]:
 
 # --- the peers -----------------------------------------------------------------------------
 
+
 def run_direct(out: Path, chunk_size: int | None) -> dict[str, Any]:
     from etl_tasks import datasets
     from etl_tasks.config import Settings, load_pipeline
