@@ -123,6 +123,12 @@ class Settings(BaseSettings):
     `max_attempts` times) is split in halves and tried again while it has more keys than
     this (a sampled range: rows); at the floor it becomes a dead letter. Files are never
     split."""
+    resilience: bool = True
+    """`ETL_RESILIENCE=off` is for benchmarks only (`benchmarks/pipeline.py --resilience
+    off`), to measure what the guarantees cost: claims are not validated (every row loads,
+    none is quarantined), chunks get no ledger row (a redelivered chunk is upserted again:
+    nothing doubles, but nothing reconciles either), key checkpoints do not advance (every
+    run reads the whole table) and no run metrics are kept. Never run production with it."""
     alert_webhook_url: SecretStr | None = None
     """Alerts are also POSTed here as JSON (retried with backoff, never blocking a run);
     secret because such URLs often carry a token."""

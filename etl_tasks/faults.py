@@ -22,7 +22,7 @@ import time
 
 import redis
 
-POINTS = ("extract", "transform", "before_commit", "after_commit", "replay")
+POINTS = ("extract", "transform", "load", "before_commit", "after_commit", "replay")
 
 
 class InjectedFault(RuntimeError):

@@ -32,6 +32,7 @@ from etl_tasks.errors import DataQualityError, FencedOut, TransientError, safe_r
 from etl_tasks.load import duckdb as store
 from etl_tasks.load import quarantine, replay
 from etl_tasks.load.fence import WriterFence
+from etl_tasks.load.kept import KeptConnection
 from etl_tasks.load.writer import StoreChain
 from etl_tasks.monitoring import alerts, health, logs, webhook
 from etl_tasks.monitoring.sentry import init_sentry
@@ -95,7 +96,7 @@ class EtlTask(Task):  # type: ignore[misc]
         try:
             result = super().__call__(*args, **kwargs)
         except Retry as exc:
-            state.note_stage_time(r, run_id, stage, time.monotonic() - began)
+            _note_time(res, run_id, stage, began)
             state.note_error(r, run_id, type(exc.exc or exc).__name__)
             items.forgive(r, run_id, stage, item, _eta(exc.when))
             raise
@@ -104,7 +105,7 @@ class EtlTask(Task):  # type: ignore[misc]
             items.forgive(r, run_id, stage, item, time.time() + HAND_OVER_S)
             raise self.retry(exc=exc, countdown=HAND_OVER_S) from None
         except Exception as exc:  # every failure is counted, then handled
-            state.note_stage_time(r, run_id, stage, time.monotonic() - began)
+            _note_time(res, run_id, stage, began)
             state.note_error(r, run_id, type(exc).__name__)
             reason = safe_reason(exc, self.name)
             if isinstance(exc, MemoryError) and _split(res, run_id, stage, item, reason):
@@ -121,9 +122,14 @@ class EtlTask(Task):  # type: ignore[misc]
             items.retrying(r, run_id, stage, item, time.time() + countdown)
             self.apply_async(args, countdown=countdown)
             return None
-        state.note_stage_time(r, run_id, stage, time.monotonic() - began)
+        _note_time(res, run_id, stage, began)
         items.settle(r, run_id, stage, item)
         return result
+
+
+def _note_time(res: Resources, run_id: str, stage: items.Stage, began: float) -> None:
+    if res.settings.resilience:  # run metrics are off with ETL_RESILIENCE=off (benchmarks)
+        state.note_stage_time(res.redis, run_id, stage, time.monotonic() - began)
 
 
 class PlanTask(EtlTask):
@@ -214,29 +220,46 @@ def _eta(when: Any) -> float:
     return time.time() + (float(when) if isinstance(when, int | float) else 0.0)
 
 
+_KEPT: KeptConnection | None = None
+
+
+def _kept() -> KeptConnection:
+    """This loader process's DuckDB connection, kept between its tasks (load/kept.py)."""
+    global _KEPT
+    path = get_resources().settings.duckdb_path
+    if _KEPT is None or _KEPT.path != path:
+        _KEPT = KeptConnection(path, store.connect)
+    return _KEPT
+
+
 @contextmanager
 def _duckdb() -> Iterator[tuple[duckdb.DuckDBPyConnection, WriterFence]]:
-    """The loader's DuckDB connection for one task, with its writer fence. Closing it between
-    tasks frees the file for readers (DuckDB lets one process write, and no other open it
-    meanwhile)."""
+    """The loader's DuckDB connection for one task, with its writer fence. It is closed
+    when the loader idles (and regularly while it is busy), so readers get the file: DuckDB
+    lets one process write, and no other open it meanwhile."""
     fence = single_writer.fence()  # refused before opening the file unless this loader writes
-    con = store.connect(get_resources().settings.duckdb_path)
+    kept = _kept()
+    con = kept.acquire()
+    failed = True
     try:
         yield con, fence
+        failed = False
     finally:
-        con.close()
+        kept.release(failed=failed)
 
 
 def _stores() -> StoreChain:
     """The loader's stores for one task: DuckDB, else SQLite, else the spool; every write
     sealed with its writer fence (refused at once unless this loader holds the lease)."""
     res = get_resources()
-    return StoreChain(res.settings, res.redis, single_writer.fence())
+    return StoreChain(res.settings, res.redis, single_writer.fence(), _kept())
 
 
 @worker_process_init.connect
 def _fresh_process(**_: Any) -> None:
+    global _KEPT
     reset_resources()  # connections never cross a fork
+    _KEPT = None
 
 
 @celeryd_init.connect

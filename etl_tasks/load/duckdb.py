@@ -142,7 +142,7 @@ def read_only(path: Path, wait_s: float = 30.0) -> Iterator[duckdb.DuckDBPyConne
             if time.monotonic() > deadline:
                 raise TransientError(f"DuckDB store {path} stayed locked by its writer for "
                                      f"{wait_s:.0f}s; try again", source="duckdb") from exc
-            time.sleep(0.1)
+            time.sleep(0.02)  # the loader leaves the file for a moment (load/kept.py)
     try:
         yield con
     finally:
@@ -171,19 +171,20 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
                 entry: LedgerEntry, valid: pa.Table, quarantined: pa.Table,
                 fault: Callable[[str], None] = lambda _: None,
                 also: Callable[[duckdb.DuckDBPyConnection], None] = lambda _: None,
-                fence: WriterFence | None = None) -> WriteResult:
+                fence: WriterFence | None = None, ledger: bool = True) -> WriteResult:
     """Commit one chunk atomically, or do nothing when its ledger row already exists.
 
     `fault` is called at the `before_commit` and `after_commit` windows (fault points);
     `also` runs in the chunk's transaction (the quarantine replay releases its rows there);
     `fence` (the loader's; None only outside workers) is sealed right before the COMMIT.
+    `ledger=False` (ETL_RESILIENCE=off, benchmarks only) neither checks nor writes the ledger.
     """
     key = datasets.table_key(dataset)
     run_id, chunk_id = entry.run_id, entry.chunk_id
     try:
         con.begin()
-        if con.execute("SELECT 1 FROM etl_load_ledger WHERE run_id = ? AND chunk_id = ?",
-                       [run_id, chunk_id]).fetchone():
+        if ledger and con.execute("SELECT 1 FROM etl_load_ledger WHERE run_id = ? AND "
+                                  "chunk_id = ?", [run_id, chunk_id]).fetchone():
             con.rollback()
             return WriteResult(0, 0, already_loaded=True)
         ensure_table(con, table, valid.schema, source)
@@ -218,15 +219,17 @@ def write_chunk(con: duckdb.DuckDBPyConnection, *, source: str, table: str, data
         loaded = int(inserted[0]) if inserted else 0
         held_count = int(held[0]) if held else 0
         unchanged = valid.num_rows - loaded + quarantined.num_rows - held_count
-        con.execute("INSERT INTO etl_load_ledger (run_id, chunk_id, source, target_table, "
-                    "rows_loaded, rows_quarantined, rows_unchanged, unit_id, kind, key_lo, "
-                    "key_hi, file_sha256, unit_chunks, source_version, writer_fence, "
-                    "key_text_lo, key_text_hi, loaded_at) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
-                    [run_id, chunk_id, source, table, loaded, held_count, unchanged,
-                     entry.unit_id, entry.kind, entry.key_lo, entry.key_hi, entry.file_sha256,
-                     entry.unit_chunks, entry.source_version, fence.token if fence else None,
-                     entry.key_text_lo, entry.key_text_hi])
+        if ledger:
+            con.execute(
+                "INSERT INTO etl_load_ledger (run_id, chunk_id, source, target_table, "
+                "rows_loaded, rows_quarantined, rows_unchanged, unit_id, kind, key_lo, key_hi, "
+                "file_sha256, unit_chunks, source_version, writer_fence, key_text_lo, "
+                "key_text_hi, loaded_at) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, now())",
+                [run_id, chunk_id, source, table, loaded, held_count, unchanged,
+                 entry.unit_id, entry.kind, entry.key_lo, entry.key_hi, entry.file_sha256,
+                 entry.unit_chunks, entry.source_version, fence.token if fence else None,
+                 entry.key_text_lo, entry.key_text_hi])
         also(con)
         fault("before_commit")
         # After the fault point: a loader held there (paused) and resumed after another took

@@ -33,6 +33,7 @@ from etl_tasks.load import spool
 from etl_tasks.load import sqlite as fallback
 from etl_tasks.load.duckdb import LedgerEntry, WriteResult
 from etl_tasks.load.fence import WriterFence
+from etl_tasks.load.kept import KeptConnection
 from etl_tasks.monitoring.alerts import Severity, alert
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,10 @@ class StoreChain:
     """One loader task's access to the stores; opens each lazily, closes them at the end."""
 
     def __init__(self, settings: Settings, r: redis.Redis | None = None,
-                 fence: WriterFence | None = None) -> None:
-        # fence: the loader's (None only for tools and tests outside a worker)
-        self.settings, self.redis, self.fence = settings, r, fence
+                 fence: WriterFence | None = None, kept: KeptConnection | None = None) -> None:
+        # fence: the loader's (None only for tools and tests outside a worker); kept: the
+        # loader's DuckDB connection shared by its tasks (None: opened and closed here)
+        self.settings, self.redis, self.fence, self.kept = settings, r, fence, kept
         self._duckdb: duckdb.DuckDBPyConnection | None = None
         self._sqlite: sqlite3.Connection | None = None
         self.unavailable: dict[str, str] = {}
@@ -56,10 +58,14 @@ class StoreChain:
     def __enter__(self) -> StoreChain:
         return self
 
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.close()
+    def __exit__(self, exc_type: type[BaseException] | None, *_: BaseException | TracebackType
+                 | None) -> None:
+        self.close(failed=exc_type is not None)
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
+        if self._duckdb is not None and self.kept is not None:
+            self.kept.release(failed=failed or "duckdb" in self.unavailable)
+            self._duckdb = None
         for con in (self._duckdb, self._sqlite):
             if con is not None:
                 with contextlib.suppress(Exception):
@@ -72,7 +78,8 @@ class StoreChain:
             deadline = time.monotonic() + self.settings.store_lock_wait_s
             while True:
                 try:
-                    self._duckdb = main_store.connect(self.settings.duckdb_path)
+                    self._duckdb = (self.kept.acquire() if self.kept is not None
+                                    else main_store.connect(self.settings.duckdb_path))
                     break
                 except TransientError as exc:
                     if time.monotonic() >= deadline:
@@ -117,7 +124,8 @@ class StoreChain:
         con = self.primary()
         if con is not None:
             try:
-                result = main_store.write_chunk(con, **args, fault=fault)
+                result = main_store.write_chunk(con, **args, fault=fault,
+                                                ledger=self.settings.resilience)
             except TransientError as exc:
                 self.unavailable["duckdb"] = str(exc)
             else:

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from etl_tasks.demo_data import make_billing_db
-from etl_tasks.sources import firebird, firebird_schema
+from etl_tasks.sources import firebird, firebird_schema, firebird_text
 from etl_tasks.sources.firebird import CLAIM_COLUMNS, RANGE_BLOCK_SIZE, FirebirdTarget
 
 pytestmark = pytest.mark.integration
@@ -232,3 +232,55 @@ def test_a_range_that_cannot_be_parsed_is_fatal_and_never_quotes_a_row(text_db):
         assert not failure["chained"]
         for secret in (CANARY, "12,50", "twelve fifty", "1234567890"):
             assert secret not in failure["traceback"]
+
+
+QUOTED_ROWS = 250
+
+
+def _quoted(target: FirebirdTarget) -> dict[str, Any]:
+    """In the child: a WIN1252 table whose values are all quotes (each doubled in the range
+    text), so a group of lines sized from the declared length overflows its VARCHAR; what
+    fetch_range reads (over a connection like the workers', charset NONE), what the driver
+    reads over a UTF8 connection (which also wrote them), and whether the grouped fetch
+    overflowed."""
+    con = firebird.connect(target, "UTF8")
+    try:
+        cur = con.cursor()
+        cur.execute("CREATE TABLE QUOTED (ID INTEGER NOT NULL PRIMARY KEY, "
+                    "T VARCHAR(100) CHARACTER SET WIN1252)")
+        con.commit()
+        cur.executemany("INSERT INTO QUOTED VALUES (?, ?)",
+                        [(n, '"' * 100 if n % 50 else 'Müller, "µ"\n;') for n in
+                         range(1, QUOTED_ROWS + 1)])
+        con.commit()
+        cur.execute("SELECT ID, T FROM QUOTED ORDER BY ID")
+        driver = [tuple(row) for row in cur.fetchall()]
+    finally:
+        con.close()
+    con = firebird.connect(target)
+    try:
+        schema = firebird_schema.reflect(con, "QUOTED")
+        group = firebird_text.group_rows(schema)
+        line = firebird_text.line_expression(schema)
+        try:
+            firebird._fetch_groups(con, f'SELECT "ID" / {group} AS g, {line} AS r FROM QUOTED',
+                                   [])
+            overflowed = False
+        except Exception as exc:  # noqa: BLE001 - described to the parent, which asserts
+            overflowed = firebird._truncated(exc)
+        read = firebird.fetch_range(con, "QUOTED", "ID", 1, QUOTED_ROWS, schema=schema)
+        return {"group": group, "overflowed": overflowed, "driver": driver,
+                "read": [(row["id"], row["t"]) for row in read.to_pylist()]}
+    finally:
+        con.close()
+
+
+def test_a_range_whose_lines_outgrow_their_group_is_read_whole_and_exact(text_db):
+    """Lines are fetched in groups sized from the columns' declared lengths; values full of
+    quotes (doubled in the text) overflow a group, and the range is then read as one blob:
+    every value still arrives exactly, in key order."""
+    seen = text_db.call(_quoted)
+    assert seen["group"] > 0
+    assert seen["overflowed"], "the grouped fetch fit: this test no longer reaches the fallback"
+    assert seen["read"] == seen["driver"]
+    assert len(seen["read"]) == QUOTED_ROWS
