@@ -10,6 +10,7 @@ Redis) makes its unit be extracted again, never fails the run.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -146,7 +147,10 @@ def _stage_part(res: Resources, ctx: RunContext, unit: Unit, chunk_id: str,
     part = firebird_keys.row_pointers(part, schema, ctx.src.key_column or None,
                                       res.sealer.keys[0])
     faults.fault_point("transform", chunk_id, r)
+    began = time.monotonic()
     result = _transform(res, ctx, part)
+    if res.settings.resilience:  # validation time (also inside the extract step's time)
+        state.note_stage_time(r, ctx.run_id, "transform", time.monotonic() - began)
     staging.put(r, res.sealer, ctx.run_id, chunk_id, "valid", result.valid, ttl)
     staging.put(r, res.sealer, ctx.run_id, chunk_id, "quarantine", result.quarantined, ttl)
     state.mark_transformed(r, ctx.run_id, chunk_id)

@@ -17,9 +17,11 @@ import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import duckdb
+import pyarrow as pa
 import redis
 from celery import Task
 from celery.exceptions import Retry
@@ -226,9 +228,10 @@ _KEPT: KeptConnection | None = None
 def _kept() -> KeptConnection:
     """This loader process's DuckDB connection, kept between its tasks (load/kept.py)."""
     global _KEPT
-    path = get_resources().settings.duckdb_path
-    if _KEPT is None or _KEPT.path != path:
-        _KEPT = KeptConnection(path, store.connect)
+    settings = get_resources().settings
+    if _KEPT is None or _KEPT.path != settings.duckdb_path:
+        _KEPT = KeptConnection(settings.duckdb_path,
+                               partial(store.connect, memory_mb=settings.loader_memory_mb))
     return _KEPT
 
 
@@ -245,14 +248,15 @@ def _duckdb() -> Iterator[tuple[duckdb.DuckDBPyConnection, WriterFence]]:
         yield con, fence
         failed = False
     finally:
-        kept.release(failed=failed)
+        kept.release(failed=failed, linger=False)
 
 
-def _stores() -> StoreChain:
+def _stores(linger: bool = False) -> StoreChain:
     """The loader's stores for one task: DuckDB, else SQLite, else the spool; every write
-    sealed with its writer fence (refused at once unless this loader holds the lease)."""
+    sealed with its writer fence (refused at once unless this loader holds the lease).
+    `linger`: DuckDB stays open for the next task (a chunk's load: more may follow)."""
     res = get_resources()
-    return StoreChain(res.settings, res.redis, single_writer.fence(), _kept())
+    return StoreChain(res.settings, res.redis, single_writer.fence(), _kept(), linger)
 
 
 @worker_process_init.connect
@@ -260,6 +264,10 @@ def _fresh_process(**_: Any) -> None:
     global _KEPT
     reset_resources()  # connections never cross a fork
     _KEPT = None
+    # Arrow's default allocator (mimalloc) keeps the pages of freed chunks: a worker's peak
+    # grew with every chunk's buffers. The system allocator gives them back (measured in
+    # benchmarks/README.md: RSS peak and speed).
+    pa.set_memory_pool(pa.system_memory_pool())
 
 
 @celeryd_init.connect
@@ -306,7 +314,7 @@ def transform_task(run_id: str, chunk_id: str) -> int:
 @app.task(base=EtlTask, name="etl.load.chunk", stage="load")
 def load_task(run_id: str, chunk_id: str) -> dict[str, Any] | None:
     """Commit one chunk to DuckDB (the single writer); returns its counts."""
-    with _stores() as chain:
+    with _stores(linger=True) as chain:
         result = pipeline.load_staged(get_resources(), chain, run_id, chunk_id, CELERY)
     if result is None:
         return None

@@ -113,11 +113,13 @@ class WriteResult:
     unchanged: int = 0  # valid rows the store already had in the same or a newer version
 
 
-def connect(path: Path) -> duckdb.DuckDBPyConnection:
-    """Open the store for writing and make sure the bookkeeping tables exist."""
+def connect(path: Path, memory_mb: int | None = None) -> duckdb.DuckDBPyConnection:
+    """Open the store for writing and make sure the bookkeeping tables exist; `memory_mb`
+    bounds DuckDB's memory (None: DuckDB's default, most of the machine's)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        con = duckdb.connect(str(path))
+        con = duckdb.connect(str(path), config=(
+            {"memory_limit": f"{memory_mb}MB"} if memory_mb else {}))
         _migrate(con)
         for ddl in _DDL:
             con.execute(ddl)

@@ -1,12 +1,13 @@
-"""The loader's DuckDB connection, kept open from one task to the next while they keep coming.
+"""The loader's DuckDB connection, kept open from one load to the next while they keep coming.
 
 Opening the store costs its bookkeeping DDL and closing it a checkpoint of the file, 0.1 to
 0.25 s a 50,000-row chunk when done per task (benchmarks/README.md). DuckDB lets no other
-process open the file while one holds it, so the connection is still closed often: once the
-loader has been idle `idle_s`, and after a task that finds it open `hold_s` or longer, with a
-short pause before the next open, so a reader waiting for the file (`duckdb.read_only` polls
-every 20 ms) gets its turn even while the loader is busy. A connection that saw any error is
-closed, never reused.
+process open the file while one holds it, so the connection is still closed often: at once
+after any task but a chunk's load (`linger=False`), once the loader has been idle `idle_s`,
+and after a task that finds it open `hold_s` or longer, with a short pause before the next
+open, so a reader waiting for the file (`duckdb.read_only` polls every 20 ms, for up to
+ETL_STORE_LOCK_WAIT_S, 2 s by default) gets its turn even while the loader is busy. A
+connection that saw any error is closed, never reused.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import duckdb
 
 IDLE_S = 0.5
-HOLD_S = 3.0
+HOLD_S = 1.5
 READERS_TURN_S = 0.1  # the pause after a hold-limit close, before the loader opens again
 
 
@@ -55,14 +56,14 @@ class KeptConnection:
                 raise
             return self._con
 
-    def release(self, failed: bool = False) -> None:
-        """A task is done with the connection: close it now (after an error, or held long
-        enough), or once it stays idle."""
+    def release(self, failed: bool = False, linger: bool = True) -> None:
+        """A task is done with the connection: close it now (after an error, a task that
+        does not linger, or held long enough), or once it stays idle."""
         with self._lock:
             self._users = max(self._users - 1, 0)
             if self._users:
                 return
-            if failed or time.monotonic() - self._opened_at >= self.hold_s:
+            if failed or not linger or time.monotonic() - self._opened_at >= self.hold_s:
                 self._close()
             elif self._con is not None:
                 self._timer = threading.Timer(self.idle_s, self._close_if_idle)

@@ -47,10 +47,13 @@ class StoreChain:
     """One loader task's access to the stores; opens each lazily, closes them at the end."""
 
     def __init__(self, settings: Settings, r: redis.Redis | None = None,
-                 fence: WriterFence | None = None, kept: KeptConnection | None = None) -> None:
+                 fence: WriterFence | None = None, kept: KeptConnection | None = None,
+                 linger: bool = False) -> None:
         # fence: the loader's (None only for tools and tests outside a worker); kept: the
-        # loader's DuckDB connection shared by its tasks (None: opened and closed here)
+        # loader's DuckDB connection shared by its tasks (None: opened and closed here),
+        # left open after this task when `linger` (a chunk's load: more may follow at once)
         self.settings, self.redis, self.fence, self.kept = settings, r, fence, kept
+        self.linger = linger
         self._duckdb: duckdb.DuckDBPyConnection | None = None
         self._sqlite: sqlite3.Connection | None = None
         self.unavailable: dict[str, str] = {}
@@ -64,7 +67,8 @@ class StoreChain:
 
     def close(self, failed: bool = False) -> None:
         if self._duckdb is not None and self.kept is not None:
-            self.kept.release(failed=failed or "duckdb" in self.unavailable)
+            self.kept.release(failed=failed or "duckdb" in self.unavailable,
+                              linger=self.linger)
             self._duckdb = None
         for con in (self._duckdb, self._sqlite):
             if con is not None:
@@ -79,7 +83,8 @@ class StoreChain:
             while True:
                 try:
                     self._duckdb = (self.kept.acquire() if self.kept is not None
-                                    else main_store.connect(self.settings.duckdb_path))
+                                    else main_store.connect(self.settings.duckdb_path,
+                                                            self.settings.loader_memory_mb))
                     break
                 except TransientError as exc:
                     if time.monotonic() >= deadline:

@@ -365,8 +365,10 @@ def test_no_canary_value_leaves_the_store(world):
         "Flower /api/tasks"]
     fleet = _json_lines(logs / "fleet.log")
     failed = [line for line in fleet if "failed (attempt" in line["event"]]
-    assert any(line.get("stage") == "transform" and line.get("source") == "billing"
-               and line.get("chunk_id") == "billing:keys:12001-12003" and line.get("run_id")
+    # A range is validated in its extract step: the fault between read and validation
+    # fails that step, logged with the range's unit.
+    assert any(line.get("stage") == "extract" and line.get("source") == "billing"
+               and line.get("unit_id") == "billing:keys:12001-12003" and line.get("run_id")
                for line in failed), failed
     assert any(line.get("logger") == "celery.app.trace" and line.get("run_id")
                and line.get("unit_id") for line in fleet)

@@ -55,7 +55,8 @@ def test_one_connection_serves_tasks_in_a_row_and_is_left_for_readers_when_idle(
     assert len(opened) == 2
 
 
-def test_a_connection_held_long_enough_or_after_an_error_is_closed_at_once(tmp_path):
+def test_a_connection_held_long_enough_after_an_error_or_another_task_is_closed_at_once(
+        tmp_path):
     path, opened = tmp_path / "w.duckdb", []
     kept = KeptConnection(path, _counting(opened), idle_s=60, hold_s=0.2)
     kept.acquire()
@@ -66,6 +67,9 @@ def test_a_connection_held_long_enough_or_after_an_error_is_closed_at_once(tmp_p
     kept.release(failed=True)
     assert _reader_gets_in(path)
     kept.acquire()
+    kept.release(linger=False)  # a task other than a chunk's load
+    assert _reader_gets_in(path)
+    kept.acquire()
     kept.release()
     kept.close()
-    assert len(opened) == 3
+    assert len(opened) == 4
