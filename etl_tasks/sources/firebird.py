@@ -207,15 +207,58 @@ def _close_quietly(con: Any) -> None:
         con.close()
 
 
+_BIGINT_MAX = 2**63 - 1
+_ASCENDING_INDEX = """SELECT 1 FROM RDB$INDICES i JOIN RDB$INDEX_SEGMENTS s
+    ON s.RDB$INDEX_NAME = i.RDB$INDEX_NAME WHERE i.RDB$RELATION_NAME = ?
+    AND TRIM(s.RDB$FIELD_NAME) = ? AND s.RDB$FIELD_POSITION = 0
+    AND COALESCE(i.RDB$INDEX_TYPE, 0) = 0 AND COALESCE(i.RDB$INDEX_INACTIVE, 0) = 0"""
+
+
 def key_bounds(con: Any, table: str, key: str, after: int) -> tuple[int, int] | None:
-    """Smallest and largest key above `after`, or None when there is no new row."""
+    """Smallest and largest key above `after`, or None when there is no new row.
+
+    With an ascending index on the key (a primary key has one), the largest is found by
+    index seeks (`_seek_largest`): Firebird reads MAX only from a descending index, and
+    otherwise scans the whole table, 0.4 s per million rows here on every run's plan, however
+    few rows are new. Without such an index, MIN and MAX as they are.
+    """
     cur = con.cursor()
     try:
-        cur.execute(f"SELECT MIN({key}), MAX({key}) FROM {table} WHERE {key} > ?", (after,))
-        lo, hi = cur.fetchone()
+        cur.execute(_ASCENDING_INDEX, (table.strip('"'), key.strip('"')))
+        if cur.fetchone() is None:
+            cur.execute(f"SELECT MIN({key}), MAX({key}) FROM {table} WHERE {key} > ?",
+                        (after,))
+            lo, hi = cur.fetchone()
+            return None if lo is None else (int(lo), int(hi))
+        first = _first_key_from(cur, table, key, after + 1)
+        return None if first is None else (first, _seek_largest(cur, table, key, first))
     finally:
         cur.close()
-    return None if lo is None else (int(lo), int(hi))
+
+
+def _first_key_from(cur: Any, table: str, key: str, start: int) -> int | None:
+    """The smallest key >= start (one index seek), None when there is none."""
+    cur.execute(f"SELECT FIRST 1 {key} FROM {table} WHERE {key} >= ? ORDER BY {key}",
+                (min(start, _BIGINT_MAX),))
+    row = cur.fetchone()
+    return None if row is None or start > _BIGINT_MAX else int(row[0])
+
+
+def _seek_largest(cur: Any, table: str, key: str, known: int) -> int:
+    """The largest key, given one that exists: steps doubling past it until no key is
+    found, then halving the gap (about two seeks per bit of the key span)."""
+    step = 1
+    while (found := _first_key_from(cur, table, key, known + step)) is not None:
+        known, step = found, step * 2
+    beyond = known + step  # no key at or above
+    while beyond - known > 1:
+        middle = (known + beyond) // 2
+        found = _first_key_from(cur, table, key, middle)
+        if found is None:
+            beyond = middle
+        else:
+            known = found
+    return known
 
 
 def max_updated(con: Any, table: str, updated: str) -> datetime | None:

@@ -284,3 +284,38 @@ def test_a_range_whose_lines_outgrow_their_group_is_read_whole_and_exact(text_db
     assert seen["overflowed"], "the grouped fetch fit: this test no longer reaches the fallback"
     assert seen["read"] == seen["driver"]
     assert len(seen["read"]) == QUOTED_ROWS
+
+
+SPARSE_KEYS = [5, 6, 1000, 2**40, 2**62 + 7]
+
+
+def _bounds(target: FirebirdTarget) -> dict[str, Any]:
+    """In the child: key_bounds of a sparse key with a primary key (found by index seeks)
+    and of the same keys without any index (MIN and MAX), after several marks."""
+    con = firebird.connect(target)
+    try:
+        cur = con.cursor()
+        cur.execute("CREATE TABLE SPARSE_PK (ID BIGINT NOT NULL PRIMARY KEY)")
+        cur.execute("CREATE TABLE SPARSE_NO_INDEX (ID BIGINT)")
+        con.commit()
+        for table in ("SPARSE_PK", "SPARSE_NO_INDEX"):
+            cur.executemany(f"INSERT INTO {table} VALUES (?)", [(k,) for k in SPARSE_KEYS])
+        con.commit()
+        marks = [0, 5, 6, 999, 2**40, 2**62 + 6, 2**62 + 7]
+        return {table: [firebird.key_bounds(con, table, "ID", mark) for mark in marks]
+                for table in ("SPARSE_PK", "SPARSE_NO_INDEX", "BILLING_CLAIMS")
+                if table != "BILLING_CLAIMS"} | {
+            "claims": firebird.key_bounds(con, "BILLING_CLAIMS", "CLAIM_ID", 0)}
+    finally:
+        con.close()
+
+
+def test_key_bounds_by_index_seeks_equal_min_and_max(text_db):
+    """The largest key above the mark is found by seeks on the primary key's index (MAX
+    would scan the table): the same bounds as MIN and MAX on an unindexed copy."""
+    seen = text_db.call(_bounds)
+    expected = [(5, 2**62 + 7), (6, 2**62 + 7), (1000, 2**62 + 7), (1000, 2**62 + 7),
+                (2**62 + 7, 2**62 + 7), (2**62 + 7, 2**62 + 7), None]
+    assert seen["SPARSE_PK"] == expected
+    assert seen["SPARSE_NO_INDEX"] == expected
+    assert seen["claims"] == (1, CLAIMS)
