@@ -60,10 +60,12 @@ class Settings(BaseSettings):
     """Opened for writing only by the `load` queue's single worker."""
     pipeline_config: Path | None = None
     """TOML file listing the sources; the packaged `etl_tasks/pipeline.toml` when unset."""
-    loader_memory_mb: int = Field(default=96, ge=16)
+    loader_memory_mb: int = Field(default=64, ge=16)
     """DuckDB's memory limit in the loader (its buffer pool; it spills to disk past it). Its
     default, most of the machine's memory, let a kept connection cache the growing table:
-    the loader process grew past 370 MB on 1,000,000 claims (benchmarks/README.md)."""
+    the loader process grew past 370 MB on 1,000,000 claims; at 96 MB it still grew with
+    the store (297 MB at 1,000,000 claims, 302 MB at 5,000,000), at 64 MB 274 MB at
+    5,000,000 (benchmarks/README.md)."""
     store_lock_wait_s: float = Field(default=2.0, ge=0)
     """How long the loader waits for a store held by another process (the DuckDB file, the
     SQLite fallback's lock) before it steps down to the next store."""
