@@ -22,18 +22,15 @@ from etl_tasks.local_services import RedisServer, Worker, wait_for_workers
 from etl_tasks.resources import get_resources, reset_resources
 from tests.integration.fault_stack import FaultStack, fault_stack, make_template
 
-PIPELINE = """
-[[sources]]
-name = "billing"
-kind = "firebird"
-location = "BILLING_CLAIMS"
-schedule = {billing_schedule}
-chunk_size = 4000
 
+def file_sources(inboxes: str) -> str:
+    """The lab feed and registration sources of the tests' pipeline config, their inboxes
+    under `inboxes` (the config's own `{data_dir}` placeholder may be in it)."""
+    return f"""
 [[sources]]
 name = "lab_results"
 kind = "xml"
-location = "{{data_dir}}/demo/lab_feeds"
+location = "{inboxes}/lab_feeds"
 schedule = "manual"
 chunk_size = 150
 settle_s = 1
@@ -41,11 +38,21 @@ settle_s = 1
 [[sources]]
 name = "registrations"
 kind = "excel"
-location = "{{data_dir}}/demo/registrations"
+location = "{inboxes}/registrations"
 schedule = "manual"
 chunk_size = 100
 settle_s = 1
 """
+
+
+PIPELINE = """
+[[sources]]
+name = "billing"
+kind = "firebird"
+location = "BILLING_CLAIMS"
+schedule = {billing_schedule}
+chunk_size = 4000
+""" + file_sources("{{data_dir}}/demo")
 
 
 @dataclass

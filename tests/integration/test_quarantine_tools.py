@@ -30,6 +30,7 @@ from etl_tasks.load import writer
 from etl_tasks.local_services import RedisServer
 from etl_tasks.resources import get_resources
 from tests.integration import oracle
+from tests.integration.conftest import file_sources
 from tests.integration.fault_stack import FaultStack
 
 pytestmark = pytest.mark.integration
@@ -69,23 +70,7 @@ def writable(stack) -> Iterator[duckdb.DuckDBPyConnection]:
 
 # The file sources of a private world, as the session stack configures them; its billing
 # source is fault_stack's (a 12,000-claim copy, 11 claims planted with each defect).
-FILE_SOURCES = """
-[[sources]]
-name = "lab_results"
-kind = "xml"
-location = "{data_dir}/lab_feeds"
-schedule = "manual"
-chunk_size = 150
-settle_s = 1
-
-[[sources]]
-name = "registrations"
-kind = "excel"
-location = "{data_dir}/registrations"
-schedule = "manual"
-chunk_size = 100
-settle_s = 1
-"""
+FILE_SOURCES = file_sources("{data_dir}")
 # Two files of 100 records each: 8 planted defects per source, the kinds' cycle reaching a
 # lab result's status (6th kind) and a registration's sex (5th) with a row to spare.
 FILES, ROWS = 2, 100
