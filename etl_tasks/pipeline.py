@@ -141,8 +141,9 @@ def _stage_part(res: Resources, ctx: RunContext, unit: Unit, chunk_id: str,
     """Validate one chunk of a Firebird unit where it was read and stage its valid and
     quarantined rows, with their pointers where a text key or no key needs them
     (sources/firebird_keys.row_pointers). Fused with the extract, the raw rows are never
-    staged and read back: that saved about a tenth of a 50,000-row chunk's work (see
-    benchmarks/README.md). Its `transform` fault point stays, between read and validation."""
+    staged and read back: a zstd encode, a Redis round trip, a decode and a task less per
+    chunk (benchmarks/README.md; not measured apart from the faster fetch that landed with
+    it). Its `transform` fault point stays, between read and validation."""
     r, ttl = res.redis, res.settings.stage_ttl_s
     part = firebird_keys.row_pointers(part, schema, ctx.src.key_column or None,
                                       res.sealer.keys[0])
