@@ -76,6 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                              f"{','.join(PEERS)}; empty: none)")
     parser.add_argument("--dlt-chunk-size", type=int, default=DLT_CHUNK_SIZE,
                         help=f"dlt's sql_table chunk_size (default {DLT_CHUNK_SIZE:,})")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure every path R times, interleaved (peers, then the "
+                             "pipeline, per round), and report the medians (default 1)")
     parser.add_argument("--keep", type=Path, default=None,
                         help="work in DIR and leave the database, DuckDB files and logs there")
     args = parser.parse_args(argv)
@@ -83,6 +86,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--claims must be at least 2 (dlt_2proc splits them in halves)")
     if args.fleet < 1:
         parser.error("--fleet must be at least 1")
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     args.peers = [p for p in args.peers.split(",") if p]
     unknown = set(args.peers) - set(PEERS)
     if unknown:
@@ -191,6 +196,54 @@ def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 2) if a and b else None
 
 
+def measure_round(args: argparse.Namespace, root: Path, n: int, expected: int,
+                  loads: dict[str, float], index: int) -> dict[str, dict[str, Any]]:
+    """Each chosen peer, then the pipeline (on, then off, with `both`), one after the other,
+    each from an empty folder; every count checked. Keyed by peer and `pipeline_<mode>`."""
+    tag = f" (round {index + 1})" if args.rounds > 1 else ""
+    chunk = str(args.dlt_chunk_size)
+    done: dict[str, dict[str, Any]] = {}
+    for peer in args.peers:
+        loads[peer + tag] = round(os.getloadavg()[0], 2)
+        for folder in ([f"dlt_2proc_{i}" for i in (0, 1)] if peer == "dlt_2proc" else [peer]):
+            shutil.rmtree(root / "peers" / folder, ignore_errors=True)
+        if peer == "direct":
+            done[peer] = run_measure("direct", root / "peers" / "direct")
+            check("direct" + tag, done[peer], n, expected)
+        elif peer == "dlt":
+            done[peer] = run_measure("dlt", root / "peers" / "dlt", "--chunk-size", chunk)
+            check("dlt" + tag, done[peer], n, None)
+        else:
+            done[peer] = run_dlt_2proc(root, n, args.dlt_chunk_size)
+            check("dlt_2proc" + tag, done[peer], n, None)
+    for mode in ["on", "off"] if args.resilience == "both" else [args.resilience]:
+        loads[f"pipeline_resilience_{mode}{tag}"] = round(os.getloadavg()[0], 2)
+        shutil.rmtree(root / mode, ignore_errors=True)
+        result = run_pipeline(args, root, mode)
+        # With resilience off validation may be off too: then every row is loaded.
+        check(f"pipeline (resilience {mode}){tag}", result, n,
+              expected if mode == "on" or result["quarantined"] else None)
+        done[f"pipeline_{mode}"] = result
+    return done
+
+
+def _median_run(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The round with the median time (the lower middle one of an even count), its peak
+    memory the largest of all rounds, and every round's seconds in `rounds_seconds`."""
+    ordered = sorted(results, key=lambda r: r["seconds"])
+    chosen = dict(ordered[(len(ordered) - 1) // 2])
+    chosen["rounds_seconds"] = [round(r["seconds"], 3) for r in results]
+    chosen["peak_rss_mb"] = max(r["peak_rss_mb"] for r in results)
+    if "roles_rss_mb" in chosen:
+        chosen["roles_rss_mb"] = {role: max(r["roles_rss_mb"][role] for r in results)
+                                  for role in chosen["roles_rss_mb"]}
+    if "processes" in chosen:  # dlt_2proc: each half's peak over the rounds
+        chosen["processes"] = [
+            {**p, "peak_rss_mb": max(r["processes"][i]["peak_rss_mb"] for r in results)}
+            for i, p in enumerate(chosen["processes"])]
+    return chosen
+
+
 def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     from etl_tasks.config import get_settings
     from etl_tasks.demo_data import expected_defective_claims, make_billing_db
@@ -207,29 +260,11 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     generate_s = time.perf_counter() - t0
     expected = expected_defective_claims(1, n)
 
-    peers: dict[str, dict[str, Any]] = {}
-    chunk = str(args.dlt_chunk_size)
-    for peer in args.peers:
-        loads[peer] = round(os.getloadavg()[0], 2)
-        if peer == "direct":
-            peers[peer] = run_measure("direct", root / "peers" / "direct")
-            check("direct", peers[peer], n, expected)
-        elif peer == "dlt":
-            peers[peer] = run_measure("dlt", root / "peers" / "dlt", "--chunk-size", chunk)
-            check("dlt", peers[peer], n, None)
-        else:
-            peers[peer] = run_dlt_2proc(root, n, args.dlt_chunk_size)
-            check("dlt_2proc", peers[peer], n, None)
-
-    modes = ["on", "off"] if args.resilience == "both" else [args.resilience]
-    runs: dict[str, dict[str, Any]] = {}
-    for mode in modes:
-        loads[f"pipeline_resilience_{mode}"] = round(os.getloadavg()[0], 2)
-        runs[mode] = run_pipeline(args, root, mode)
-        # With resilience off validation may be off too: then every row is loaded.
-        check(f"pipeline (resilience {mode})", runs[mode], n,
-              expected if mode == "on" or runs[mode]["quarantined"] else None)
+    rounds = [measure_round(args, root, n, expected, loads, i) for i in range(args.rounds)]
     loads["end"] = round(os.getloadavg()[0], 2)
+    peers = {peer: _median_run([r[peer] for r in rounds]) for peer in args.peers}
+    runs = {mode: _median_run([r[f"pipeline_{mode}"] for r in rounds]) for mode in
+            (["on", "off"] if args.resilience == "both" else [args.resilience])}
 
     on, off = runs.get("on"), runs.get("off")
     main = on or off
@@ -248,6 +283,14 @@ def run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         "ratio_vs_dlt": _ratio(rate, rates["dlt"]),
         "ratio_vs_dlt_2proc": _ratio(rate, rates["dlt_2proc"]),
     }
+    if args.rounds > 1:
+        # Every round's own figures: pipeline and direct ran minutes apart at most.
+        result["rounds"] = args.rounds
+        result["rounds_seconds"] = {name: [round(r[name]["seconds"], 3) for r in rounds]
+                                    for name in rounds[0]}
+        if "direct" in args.peers and main is on:
+            result["ratio_vs_direct_rounds"] = [
+                round(r["direct"]["seconds"] / r["pipeline_on"]["seconds"], 2) for r in rounds]
     if off:
         off_rate = _rate(n, off)
         result["pipeline_resilience_off_rows_per_s"] = round(off_rate) if off_rate else None
@@ -313,6 +356,13 @@ def render(result: dict[str, Any]) -> str:
          " / ".join(f"{result[k]}x" if result[k] else "-"
                     for k in ("ratio_vs_direct", "ratio_vs_dlt", "ratio_vs_dlt_2proc"))),
     ]
+    if "rounds" in result:
+        rows.append(("rounds (medians above)", str(result["rounds"])))
+        rows += [(f"  {name} seconds", " / ".join(map(str, seconds)))
+                 for name, seconds in result["rounds_seconds"].items()]
+        if "ratio_vs_direct_rounds" in result:
+            rows.append(("  ratio vs direct per round",
+                         " / ".join(f"{r}x" for r in result["ratio_vs_direct_rounds"])))
     if "resilience_cost" in result:
         rows.append(("resilience cost (1 - on/off)", f"{result['resilience_cost']:.1%}"))
     rows += [
